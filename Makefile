@@ -1,0 +1,64 @@
+# clip-serverless: every target sets up what it needs. `make serve` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+SDK_VENV := .venv-sdk
+PORT ?= 9001
+HOST ?= 127.0.0.1
+CLIP_MODEL_DIR ?= models/clip-tiny
+# The reference tokenizer and the BPE merges file ship in these packages; --no-deps keeps torchvision
+# (and with it a multi-GB CUDA torch) out of the environment.
+NO_DEPS_PKGS := open_clip_torch==3.3.0 clip-anytorch==2.6.0
+SDK_PKGS := inference-sdk==1.8.3
+
+.PHONY: help serve test lint bench models-b32 setup setup-dev clean
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Runtime only: what the local server needs (no torch).
+$(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e '.[serve]'
+	@touch $@
+
+# Everything the tests need: export tooling (torch CPU, pinned), the reference tokenizer, the SDK venv.
+$(VENV)/.dev: pyproject.toml $(VENV)/.serve
+	$(PIP) install -e '.[serve,dev,export]'
+	$(PIP) install --no-deps $(NO_DEPS_PKGS)
+	@touch $@
+
+# Roboflow's client in its own venv: it pins numpy/pillow versions that would otherwise replace ours.
+$(SDK_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip --disable-pip-version-check -q install $(SDK_PKGS)
+	@touch $@
+
+setup: $(VENV)/.serve ## create the runtime environment
+setup-dev: $(VENV)/.dev $(SDK_VENV)/.installed ## create the full development environment
+
+serve: $(VENV)/.serve ## run the API locally on $(HOST):$(PORT) (model: CLIP_MODEL_DIR, default the demo model)
+	CLIP_MODEL_DIR=$(CLIP_MODEL_DIR) $(PY) -m clip_serverless.api.local --host $(HOST) --port $(PORT)
+
+test: setup-dev ## run the whole test suite
+	CLIP_SDK_PYTHON=$(SDK_VENV)/bin/python $(PY) -m pytest
+
+lint: $(VENV)/.dev ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+models-b32: $(VENV)/.dev ## full-size seeded ViT-B/32, fp32 and int8, into build/models (for benchmarks)
+	$(PY) -m clip_export synthetic --arch ViT-B-32 --seed 0 --out build/models/ViT-B-32-synthetic --int8
+
+bench: models-b32 ## ONNX Runtime vs PyTorch benchmark
+	$(PY) bench/bench_core.py
+
+clean: ## remove environments and build output
+	rm -rf $(VENV) $(SDK_VENV) build .aws-sam

@@ -1,0 +1,149 @@
+"""ONNX Runtime sessions for CLIP's two towers, each loaded lazily and on its own.
+
+A caller that only embeds text never opens ``visual.onnx`` (and never imports Pillow: preprocessing
+lives in its own module), and the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir, ModelDirError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+Float32Array = npt.NDArray[np.float32]
+Int64Array = npt.NDArray[np.int64]
+
+
+def available_cpus() -> int:
+    """vCPUs this process may run on (Lambda: scales with memory size; 1 below 1,769 MB)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    raw = os.environ.get("CLIP_NUM_THREADS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ModelDirError(f"CLIP_NUM_THREADS must be a whole number, got {raw!r}") from None
+        if value < 1:
+            raise ModelDirError(f"CLIP_NUM_THREADS must be at least 1, got {value}")
+        return value
+    return available_cpus()
+
+
+def create_session(path: str, threads: int) -> ort.InferenceSession:
+    import onnxruntime as ort  # imported here so that importing this module stays cheap
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initialisers are noise in Lambda logs
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
+        raise ModelDirError(f"{path}: ONNX Runtime could not load this graph: {exc}") from None
+
+
+class _Tower:
+    """One lazily created session; thread-safe creation, then lock-free runs (ORT sessions are)."""
+
+    file_name: str
+
+    def __init__(self, model_dir: ModelDir, threads: int | None = None) -> None:
+        self.model_dir = model_dir
+        self.threads = threads if threads is not None else default_threads()
+        self._session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+        # int8 dynamic quantisation picks activation scales per input tensor, so a row's result would
+        # depend on its batch neighbours and on padding. Run such models one row at a time.
+        self.per_row = model_dir.manifest.precision == "int8"
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = create_session(str(self.model_dir.file(self.file_name)), self.threads)
+        return self._session
+
+    def load(self) -> None:
+        """Create the session now (at init) rather than at the first request."""
+        _ = self.session
+
+    def _run(self, feed_name: str, batch: npt.NDArray[np.generic]) -> Float32Array:
+        session = self.session
+        if self.per_row and batch.shape[0] > 1:
+            rows = [session.run(None, {feed_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])]
+            out = np.concatenate(rows, axis=0)
+        else:
+            out = session.run(None, {feed_name: batch})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def l2_normalize(embeddings: Float32Array) -> Float32Array:
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return (embeddings / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+
+
+class ImageEncoder(_Tower):
+    """``visual.onnx``: preprocessed pixels (N, 3, S, S) float32 -> raw embeddings (N, D) float32."""
+
+    file_name = VISUAL_FILE
+
+    def encode(self, pixel_values: Float32Array, *, normalize: bool = False) -> Float32Array:
+        size = self.model_dir.manifest.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise ValueError(f"expected pixel values of shape (N, 3, {size}, {size}), got {pixel_values.shape}")
+        if pixel_values.shape[0] == 0:
+            return np.zeros((0, self.model_dir.manifest.embed_dim), dtype=np.float32)
+        out = self._run("pixel_values", np.ascontiguousarray(pixel_values, dtype=np.float32))
+        return l2_normalize(out) if normalize else out
+
+
+class TextEncoder(_Tower):
+    """``textual.onnx``: token ids (N, L) -> raw embeddings (N, D) float32.
+
+    The text tower is causal and pools at the first end-of-text token, so every position after it is
+    dead weight: ids are cut to the longest row's EOT (fp32) or to each row's own EOT (int8, one row
+    at a time), which gives the same result as the full context at a fraction of the cost.
+    """
+
+    file_name = TEXTUAL_FILE
+
+    def encode(self, ids: Int64Array, lengths: npt.NDArray[np.integer] | None = None, *,
+               normalize: bool = False) -> Float32Array:
+        """``lengths[i]`` is the index of row i's EOT plus one; when omitted it is found from the ids."""
+        context = self.model_dir.manifest.context_length
+        if ids.ndim != 2 or not 0 < ids.shape[1] <= context:
+            raise ValueError(f"expected token ids of shape (N, L) with 0 < L <= {context}, got {ids.shape}")
+        n = ids.shape[0]
+        if n == 0:
+            return np.zeros((0, self.model_dir.manifest.embed_dim), dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if lengths is None:
+            lengths = ids.argmax(axis=1) + 1  # EOT has the largest id in CLIP's vocabulary
+        if self.per_row:
+            session = self.session
+            rows = [session.run(None, {"input_ids": ids[i : i + 1, : int(lengths[i])]})[0] for i in range(n)]
+            out = np.asarray(np.concatenate(rows, axis=0), dtype=np.float32)
+        else:
+            out = self._run("input_ids", ids[:, : int(np.max(lengths))])
+        return l2_normalize(out) if normalize else out
