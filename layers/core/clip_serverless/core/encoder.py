@@ -100,7 +100,8 @@ class _Tower:
 
 def l2_normalize(embeddings: Float32Array) -> Float32Array:
     norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    return (embeddings / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+    out: Float32Array = (embeddings / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+    return out
 
 
 class ImageEncoder(_Tower):

@@ -138,7 +138,7 @@ class Manifest:
             model_id=model_id, image_size=image_size, embed_dim=embed_dim, context_length=context_length,
             mean=(float(mean[0]), float(mean[1]), float(mean[2])),
             std=(float(std[0]), float(std[1]), float(std[2])),
-            precision=precision,  # type: ignore[arg-type]  # checked above
+            precision=precision,  # checked above
             provenance=provenance, files=files, format=fmt,
             extra={k: v for k, v in data.items() if k not in known},
         )
