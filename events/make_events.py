@@ -1,0 +1,51 @@
+"""Writes the JSON events in this folder, for `sam local invoke -e events/<name>.json <Function>`.
+
+They are API Gateway events in the shapes `sam local generate-event apigateway http-api-proxy|aws-proxy`
+produces, with one difference that matters: a `content-type: application/json` header (sam's own
+events have none, and FastAPI answers such a body with 422).
+
+    python events/make_events.py        # rewrite the files (tests check that they still work)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "infra"))
+
+from clip_export.shapes import render_shape  # noqa: E402
+
+from tests.lambda_events import http_api_event, rest_api_event  # noqa: E402
+
+
+def small_png(shape: str, color: str) -> str:
+    buffer = io.BytesIO()
+    render_shape(shape, color, seed=1_000_000_123, size=96).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def main() -> None:
+    red = {"type": "base64", "value": small_png("circle", "red")}
+    bodies = {
+        "embed_text": {"text": ["a photo of a red circle.", "a photo of a blue square."], "api_key": None},
+        "embed_image": {"image": red, "api_key": None},
+        "compare": {"subject": red, "subject_type": "image", "prompt_type": "text",
+                    "prompt": ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green star."],
+                    "api_key": None},
+    }
+    for endpoint, body in bodies.items():
+        for suffix, factory in (("http-api", http_api_event), ("rest-api", rest_api_event)):
+            event = factory("POST", f"/clip/{endpoint}", body)
+            (HERE / f"{endpoint}.{suffix}.json").write_text(json.dumps(event, indent=2) + "\n")
+    health = http_api_event("GET", "/healthz")
+    (HERE / "healthz.http-api.json").write_text(json.dumps(health, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Building the FastAPI app: one endpoint for a Lambda function, all three for the local server."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..core.model_dir import ModelDir
+from ..service import ClipService
+from .errors import error_response, install_error_handlers
+from .routes import ENDPOINTS, ClipRoutes, Endpoint
+from .settings import Settings
+
+try:
+    VERSION = version("clip-serverless")
+except PackageNotFoundError:  # deployed as a layer, not as an installed distribution
+    VERSION = "0.1.0"
+
+_INSTANCE = str(uuid.uuid4())
+
+
+class BodyLimit:
+    """413 with a JSON message for bodies over the limit (Lambda's own limit is 6 MB per request)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(
+            413, f"Request body is larger than {self.max_bytes} bytes. Send large images by URL instead.")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+        # No (or a lying) Content-Length: count while reading.
+        received = 0
+        body: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            body.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoint, ...] = ENDPOINTS,
+               *, routes: ClipRoutes | None = None) -> FastAPI:
+    manifest = service.manifest
+    app = FastAPI(
+        title="clip-serverless",
+        version=VERSION,
+        summary=f"OpenAI CLIP ({manifest.model_id}) with Roboflow Inference's CLIP API.",
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router((routes or ClipRoutes(service, settings)).router(endpoints))
+
+    def info() -> dict[str, object]:
+        return {"name": "clip-serverless", "version": VERSION, "uuid": _INSTANCE}
+
+    def health() -> dict[str, object]:
+        return {
+            "status": "ok",
+            "model_id": manifest.model_id,
+            "clip_version_id": manifest.version_id,
+            "precision": manifest.precision,
+            "provenance": manifest.provenance,
+            "endpoints": [f"/clip/{e}" for e in endpoints],
+            "loaded": service.loaded_towers(),
+        }
+
+    app.add_api_route("/", info, methods=["GET"], summary="Server info (Roboflow's /info shape)")
+    app.add_api_route("/info", info, methods=["GET"], summary="Server info (Roboflow's /info shape)")
+    app.add_api_route("/healthz", health, methods=["GET"], summary="Health and the deployed model")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    logging.getLogger("clip_serverless").setLevel(logging.INFO)
+    return app
+
+
+def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> FastAPI:
+    """Settings from the environment, model directory opened and validated, app ready to serve."""
+    settings = settings or Settings.from_env()
+    model_dir = ModelDir.open(settings.model_dir)
+    from ..cache import from_env as cache_from_env
+
+    service = ClipService(model_dir, cache=cache_from_env(model_dir.manifest), text_batch_size=settings.text_batch_size,
+                          truncate_text=settings.truncate_text, max_image_pixels=settings.max_image_pixels)
+    return create_app(service, settings, endpoints)

@@ -1,0 +1,179 @@
+"""The three CLIP routes. Each is registered on its own, so a Lambda function serves only its endpoint.
+
+Request path: route -> parse (pydantic) -> auth -> load inputs (base64/URL, I/O at the edge) ->
+service (cache, core) -> JSON response with exactly Roboflow's keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..service import ClipService, Embeddings, TextTooLong
+from . import compare as cmp
+from .auth import check_api_key
+from .errors import BadRequest, ImageLoadError, NotFound
+from .images import ImageLoader
+from .schemas import (
+    ClipCompareRequest,
+    ClipCompareResponse,
+    ClipEmbeddingResponse,
+    ClipImageEmbeddingRequest,
+    ClipRequest,
+    ClipTextEmbeddingRequest,
+    ErrorResponse,
+    ImageInput,
+)
+from .settings import Settings
+
+Endpoint = Literal["embed_image", "embed_text", "compare"]
+ENDPOINTS: tuple[Endpoint, ...] = ("embed_image", "embed_text", "compare")
+
+log = logging.getLogger("clip_serverless.request")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413)
+}
+
+
+class ClipRoutes:
+    """Binds the routes to one service and its settings."""
+
+    def __init__(self, service: ClipService, settings: Settings, loader: ImageLoader | None = None) -> None:
+        self.service = service
+        self.settings = settings
+        self.loader = loader or ImageLoader(settings.url)
+
+    # -- shared steps -------------------------------------------------------------------------------
+    def _prepare(self, request: Request, body: ClipRequest) -> bool:
+        """Auth and model check; returns whether the cache may be used."""
+        check_api_key(request, body.api_key, self.settings.api_key)
+        version = body.clip_version_id
+        deployed = self.service.manifest.version_id
+        if version is not None and version != deployed:
+            raise NotFound(f"CLIP version {version!r} is not deployed here; this deployment serves "
+                           f"clip/{deployed} (clip_version_id {deployed!r}).")
+        cache_control = request.headers.get("cache-control", "").lower()
+        return not ("no-cache" in cache_control or "no-store" in cache_control)
+
+    def _load_images(self, images: list[ImageInput | str]) -> list[bytes]:
+        return self.loader.load_many(images)
+
+    def _embed_images(self, blobs: list[bytes], use_cache: bool) -> Embeddings:
+        from ..core.preprocessing import ImageDecodeError
+
+        try:
+            return self.service.embed_images(blobs, use_cache=use_cache)
+        except ImageDecodeError as exc:
+            raise ImageLoadError(str(exc)) from None
+
+    def _embed_texts(self, texts: list[str], use_cache: bool) -> Embeddings:
+        try:
+            return self.service.embed_texts(texts, use_cache=use_cache)
+        except TextTooLong as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _respond(self, endpoint: Endpoint, payload: dict[str, Any], started: float, n: int,
+                 results: list[Embeddings]) -> JSONResponse:
+        elapsed = time.perf_counter() - started
+        body = {"inference_id": None, "frame_id": None, "time": elapsed, **payload}
+        if "similarity" in payload:
+            body["parent_id"] = None
+        headers = {"X-Model-Id": self.service.manifest.model_id, "X-Processing-Time": f"{elapsed:.6f}"}
+        truncated = sorted({i for r in results for i in r.truncated})
+        if truncated:
+            headers["X-Clip-Truncated-Texts"] = ",".join(map(str, truncated))
+        cache = _merge_cache_stats(r.cache for r in results)
+        if cache:
+            headers["X-Clip-Cache"] = ";".join(f"{k}={v}" for k, v in cache.items())
+        log.info(json.dumps({"endpoint": endpoint, "inputs": n, "seconds": round(elapsed, 4),
+                             "truncated": len(truncated), "cache": cache}))
+        return JSONResponse(body, headers=headers)
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    def embed_image(self, request: Request, body: ClipImageEmbeddingRequest) -> JSONResponse:
+        use_cache = self._prepare(request, body)
+        images = body.image if isinstance(body.image, list) else [body.image]
+        self._check_count("image", len(images), "images that can be embedded at once")
+        started = time.perf_counter()
+        result = self._embed_images(self._load_images(list(images)), use_cache)
+        return self._respond("embed_image", {"embeddings": result.vectors.tolist()}, started, len(images), [result])
+
+    def embed_text(self, request: Request, body: ClipTextEmbeddingRequest) -> JSONResponse:
+        use_cache = self._prepare(request, body)
+        texts = body.text if isinstance(body.text, list) else [body.text]
+        if not texts:
+            raise BadRequest("text is an empty list; send at least one string.")
+        started = time.perf_counter()
+        result = self._embed_texts(texts, use_cache)
+        return self._respond("embed_text", {"embeddings": result.vectors.tolist()}, started, len(texts), [result])
+
+    def compare(self, request: Request, body: ClipCompareRequest) -> JSONResponse:
+        use_cache = self._prepare(request, body)
+        subject_type = cmp.check_type("subject_type", body.subject_type)
+        prompt_type = cmp.check_type("prompt_type", body.prompt_type)
+        prompts = cmp.normalise_prompt(body.prompt)
+        self._check_count("prompt", len(prompts.items), "prompts that can be compared at once")
+        started = time.perf_counter()
+        # Subject and prompts of the same kind go through the model in one batch.
+        if subject_type == prompt_type == "image":
+            result = self._embed_images(self._load_images([body.subject, *prompts.items]), use_cache)
+            subject, others, results = result.vectors[0], result.vectors[1:], [result]
+        elif subject_type == prompt_type == "text":
+            texts = cmp.text_items("subject", [body.subject]) + cmp.text_items("prompt", prompts.items)
+            result = self._embed_texts(texts, use_cache)
+            subject, others, results = result.vectors[0], result.vectors[1:], [result]
+        elif subject_type == "image":
+            texts = cmp.text_items("prompt", prompts.items)  # validate before any download
+            subject_r = self._embed_images(self._load_images([body.subject]), use_cache)
+            prompt_r = self._embed_texts(texts, use_cache)
+            subject, others, results = subject_r.vectors[0], prompt_r.vectors, [subject_r, prompt_r]
+        else:
+            subject_text = cmp.text_items("subject", [body.subject])
+            prompt_r = self._embed_images(self._load_images(list(prompts.items)), use_cache)
+            subject_r = self._embed_texts(subject_text, use_cache)
+            subject, others, results = subject_r.vectors[0], prompt_r.vectors, [subject_r, prompt_r]
+        sims = cmp.cosine_similarities(subject, others)
+        similarity: list[float] | dict[str, float] = (
+            dict(zip(prompts.keys, sims, strict=True)) if prompts.keys is not None else sims)
+        return self._respond("compare", {"similarity": similarity}, started, len(prompts.items), results)
+
+    def _check_count(self, what: str, count: int, limit_text: str) -> None:
+        if count == 0:
+            raise BadRequest(f"{what} is empty; send at least one.")
+        if count > self.settings.max_batch_size:
+            raise BadRequest(f"The maximum number of {limit_text} is {self.settings.max_batch_size}; "
+                             f"got {count}. Split the request.")
+
+    # -- registration -------------------------------------------------------------------------------
+    def router(self, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> APIRouter:
+        router = APIRouter(responses=_ERRORS)
+        specs: dict[Endpoint, tuple[Callable[..., JSONResponse], type[Any], str, str]] = {
+            "embed_image": (self.embed_image, ClipEmbeddingResponse, "CLIP Image Embeddings",
+                            "Run the OpenAI CLIP model to embed image data."),
+            "embed_text": (self.embed_text, ClipEmbeddingResponse, "CLIP Text Embeddings",
+                           "Run the OpenAI CLIP model to embed text data."),
+            "compare": (self.compare, ClipCompareResponse, "CLIP Compare",
+                        "Run the OpenAI CLIP model to compute similarity scores."),
+        }
+        for endpoint in endpoints:
+            func, model, summary, description = specs[endpoint]
+            # Sync handlers: FastAPI runs them in its thread pool, so ONNX work never blocks the event loop.
+            router.add_api_route(f"/clip/{endpoint}", func, methods=["POST"], response_model=model,
+                                 summary=summary, description=description)
+        return router
+
+
+def _merge_cache_stats(stats: Any) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for entry in stats:
+        for key, value in entry.items():
+            if isinstance(value, int):
+                merged[key] = merged.get(key, 0) + value
+    return merged

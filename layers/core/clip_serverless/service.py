@@ -1,0 +1,123 @@
+"""Embedding with the CLIP core and the embedding cache: what every endpoint calls. No HTTP here.
+
+Each tower is built on first use (or at init via :meth:`ClipService.preload`), so a text-only
+function never opens the visual graph, and never imports Pillow.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .core.encoder import Float32Array, ImageEncoder, TextEncoder
+from .core.model_dir import TOKENIZER_FILE, ModelDir
+
+if TYPE_CHECKING:
+    from .cache.tiered import EmbeddingCache
+    from .core.tokenizer import ClipTokenizer
+
+Tower = Literal["visual", "textual"]
+
+
+class TextTooLong(ValueError):
+    """Raised when truncation is switched off and a text exceeds the context length."""
+
+    def __init__(self, indices: list[int], context_length: int) -> None:
+        super().__init__(
+            f"Text at index {', '.join(map(str, indices))} is longer than the model's context of "
+            f"{context_length} tokens.")
+        self.indices = indices
+
+
+@dataclass
+class Embeddings:
+    vectors: Float32Array  # (N, D), raw projections, input order
+    truncated: list[int] = field(default_factory=list)  # indices of texts cut to the context length
+    cache: dict[str, Any] = field(default_factory=dict)  # hit/miss counts for logs and headers
+
+
+class ClipService:
+    def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
+                 truncate_text: bool = True, max_image_pixels: int = 64_000_000) -> None:
+        self.model_dir = model_dir
+        self.manifest = model_dir.manifest
+        self.cache = cache
+        self.text_batch_size = text_batch_size
+        self.truncate_text = truncate_text
+        self.max_image_pixels = max_image_pixels
+        self.image_encoder = ImageEncoder(model_dir)
+        self.text_encoder = TextEncoder(model_dir)
+        self._tokenizer: ClipTokenizer | None = None
+        self._lock = threading.Lock()
+
+    # -- loading -----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    from .core.tokenizer import ClipTokenizer
+
+                    self._tokenizer = ClipTokenizer.from_file(
+                        self.model_dir.file(TOKENIZER_FILE), context_length=self.manifest.context_length)
+        return self._tokenizer
+
+    def preload(self, towers: Sequence[Tower]) -> None:
+        """Load towers now (Lambda init) instead of at the first request."""
+        for tower in towers:
+            if tower == "visual":
+                self.image_encoder.load()
+                from .core import preprocessing  # noqa: F401  (import cost belongs to init too)
+            else:
+                _ = self.tokenizer
+                self.text_encoder.load()
+
+    def loaded_towers(self) -> list[str]:
+        return [name for name, enc in (("visual", self.image_encoder), ("textual", self.text_encoder)) if enc.loaded]
+
+    # -- embedding ---------------------------------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True) -> Embeddings:
+        batch = self.tokenizer.encode(texts)
+        truncated = [i for i, cut in enumerate(batch.truncated) if cut]
+        if truncated and not self.truncate_text:
+            raise TextTooLong(truncated, self.manifest.context_length)
+        # Only ids up to and including each row's first EOT matter to the model (it pools there).
+        rows = [batch.ids[i, : int(batch.lengths[i])] for i in range(len(texts))]
+
+        def compute(indices: Sequence[int]) -> Float32Array:
+            parts = [np.zeros((0, self.manifest.embed_dim), dtype=np.float32)]
+            for start in range(0, len(indices), self.text_batch_size):
+                chunk = list(indices[start : start + self.text_batch_size])
+                parts.append(self.text_encoder.encode(batch.ids[chunk], batch.lengths[chunk]))
+            return np.concatenate(parts, axis=0)
+
+        vectors, stats = self._cached("text", [row.astype("<i8").tobytes() for row in rows], compute, use_cache)
+        return Embeddings(vectors=vectors, truncated=truncated, cache=stats)
+
+    def embed_images(self, blobs: Sequence[bytes], *, use_cache: bool = True) -> Embeddings:
+        """Raw encoded image bytes in, embeddings out; raises ``ImageDecodeError`` for bad images."""
+
+        def compute(indices: Sequence[int]) -> Float32Array:
+            from .core.preprocessing import decode_image, preprocess_batch
+
+            m = self.manifest
+            images = [decode_image(blobs[i], max_pixels=self.max_image_pixels) for i in indices]
+            pixels = preprocess_batch(images, m.image_size, m.mean, m.std)
+            return self.image_encoder.encode(pixels)
+
+        vectors, stats = self._cached("image", list(blobs), compute, use_cache)
+        return Embeddings(vectors=vectors, cache=stats)
+
+    # -- cache ------------------------------------------------------------------------------------
+    def _cached(self, modality: Literal["image", "text"], payloads: list[bytes],
+                compute: Callable[[Sequence[int]], Float32Array],
+                use_cache: bool) -> tuple[Float32Array, dict[str, Any]]:
+        if self.cache is None:
+            return compute(list(range(len(payloads)))), {}
+        if not use_cache:
+            return compute(list(range(len(payloads)))), {"hits": 0, "misses": len(payloads), "bypass": 1}
+        return self.cache.embed(modality, payloads, compute)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the committed demo model, apps built on it, test images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = Path(os.environ.get("XX_TMP_MODEL", REPO / "models" / "clip-tiny"))
+
+# No test may reach AWS: fake credentials and region for boto3/moto, set before anything imports boto3.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_SESSION_TOKEN", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    assert (TINY_MODEL / "manifest.json").exists(), "models/clip-tiny is missing: run python -m clip_export.train_tiny"
+    return TINY_MODEL
+
+
+def shape_png(shape: str = "circle", color: str = "red", seed: int = 1_000_000_007, fmt: str = "PNG") -> bytes:
+    from clip_export.shapes import render_shape
+
+    buffer = io.BytesIO()
+    render_shape(shape, color, seed).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def image_obj(data: bytes) -> dict[str, str]:
+    return {"type": "base64", "value": b64(data)}
+
+
+@pytest.fixture(scope="session")
+def red_circle() -> bytes:
+    return shape_png("circle", "red")
+
+
+@pytest.fixture(scope="session")
+def blue_square() -> bytes:
+    return shape_png("square", "blue")
+
+
+@pytest.fixture
+def make_app(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Build the combined app from environment overrides (as a deployment would configure it)."""
+
+    def build(**env: str) -> Any:
+        from clip_serverless.api.app import build as build_app
+
+        monkeypatch.setenv("CLIP_MODEL_DIR", str(tiny_model_path))
+        monkeypatch.setenv("CLIP_CACHE", env.pop("CLIP_CACHE", "off"))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return build_app()
+
+    return build
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Any]) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    with TestClient(make_app(), raise_server_exceptions=False) as test_client:
+        yield test_client
