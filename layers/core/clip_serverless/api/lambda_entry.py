@@ -7,9 +7,12 @@ SnapStart can snapshot it), never per request.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from mangum import Mangum
 
+from ..cache.after_response import after_response, install
 from ..service import Tower
 from .app import build
 from .routes import Endpoint
@@ -33,7 +36,7 @@ def preload_for(endpoint: Endpoint) -> tuple[Tower, ...]:
     return PRELOAD[endpoint]
 
 
-def handler_for(endpoint: Endpoint) -> Mangum:
+def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     app = build(endpoints=(endpoint,))
     service = app.state.service
     towers = preload_for(endpoint)
@@ -42,4 +45,7 @@ def handler_for(endpoint: Endpoint) -> Mangum:
         # An image miss consults S3 on its first request; create the client (~240 ms) at init instead.
         service.cache.preload(("image", "text") if endpoint == "compare" else ("image",))
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
-    return Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
+    handler = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
+    if service.cache is not None and install(service.cache):  # Lambda: S3 writes after the response
+        return after_response(handler)
+    return handler

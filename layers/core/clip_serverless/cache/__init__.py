@@ -33,7 +33,8 @@ with ``bench/bench_cache.py`` (ViT-B/32, one ORT thread, shared 2-vCPU machine):
 (int8) to 100 ms (fp32) to decode and embed, more than any in-region GET (10-30 ms), so one image miss
 pays for S3; a caption costs 5-12 ms plus ~5 ms per extra caption in the batch, so S3 pays only from
 3-6 misses (a list's GETs run concurrently): single prompts stay in memory. A memory hit costs 4 us.
-A miss that goes to S3 pays a GET (404) and, on Lambda, a PUT on top of computing.
+A miss that goes to S3 pays a GET (404) on top of computing; its PUT runs after the response (on Lambda
+through an internal extension, :mod:`.after_response`; sync writes when the extension cannot register).
 
 Entry points: :func:`from_env` builds the cache from the environment (None when ``CLIP_CACHE=off``);
 :meth:`EmbeddingCache.embed` / :func:`embed_cached` run a request through it.

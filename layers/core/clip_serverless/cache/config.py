@@ -19,7 +19,9 @@ the cache is never the reason a function fails to start.
 | ``CLIP_CACHE_S3_WORKERS`` | ``8`` | concurrent S3 calls |
 | ``CLIP_CACHE_S3_BREAKER`` | ``5,30`` | failures in a row that open the breaker, seconds it stays open |
 | ``CLIP_CACHE_S3_WRITE`` | ``sync`` on Lambda, else ``background`` | whether a request waits |
-|  |  | (bounded by the deadline) for its S3 writes |
+|  |  | (bounded by the deadline) for its S3 writes. On Lambda, unless set to ``sync`` explicitly, |
+|  |  | the handler switches to ``background`` drained after the response by an internal |
+|  |  | extension when it registers (:mod:`.after_response`) |
 | ``CLIP_CACHE_METRICS`` | ``emf`` on Lambda, else ``off`` | CloudWatch EMF lines on stdout |
 | ``CLIP_CACHE_METRICS_NAMESPACE`` | ``ClipServerless`` | |
 

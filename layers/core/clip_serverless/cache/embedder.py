@@ -4,12 +4,11 @@
         -> compute(miss indices) in ONE call -> store (memory, disk, S3 concurrently) -> (N, D) in input order
 
 Only ``compute`` may raise (a bad image is the caller's 400); anything the cache does wrong is logged and
-answered by computing. S3 writes: on Lambda they are waited for (bounded by the S3 deadline) before the
-response, because a thread still writing when the handler returns is frozen with the container and may
-resume minutes later or never; a long-running server writes in the background (``CLIP_CACHE_S3_WRITE``).
-A Lambda internal extension that holds its ``/event/next`` until ``EmbeddingCache.drain()`` returns would
-move the writes after the response (AWS Compute Blog, "Running code after returning a response from an
-AWS Lambda function"); not done here.
+answered by computing. S3 writes run in the background (``CLIP_CACHE_S3_WRITE``). On Lambda a thread
+still writing when the handler returns is frozen with the container, so there an internal extension
+(:mod:`.after_response`) holds the freeze until ``EmbeddingCache.drain()`` returns: the client has its
+response, the writes complete. Where the extension cannot register, writes are waited for (``sync``,
+bounded by the S3 deadline) before the response.
 """
 
 from __future__ import annotations
