@@ -14,8 +14,18 @@ CLIP_MODEL_DIR ?= models/clip-tiny
 # (and with it a multi-GB CUDA torch) out of the environment.
 NO_DEPS_PKGS := open_clip_torch==3.3.0 clip-anytorch==2.6.0
 SDK_PKGS := inference-sdk==1.8.3
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+export SAM_CLI_TELEMETRY := 0
+export AWS_DEFAULT_REGION ?= us-east-1
+# python3.12 on PATH for `sam build` (Lambda's runtime); pyenv ignores versions it does not have.
+export PYENV_VERSION ?= 3.11.7:3.12.1
+CLIP_MODEL_SRC ?= models/clip-tiny
+FUNCTION ?= EmbedTextFunction
+EVENT ?= events/embed_text.http-api.json
 
-.PHONY: help serve test lint bench models-b32 setup setup-dev clean
+.PHONY: help serve test lint bench bench-cold-start models-b32 setup setup-dev clean \
+	sam-setup sam-validate sam-build sam-deploy sam-invoke sam-sizes
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,8 +51,14 @@ $(SDK_VENV)/.installed: Makefile
 	$(SDK_VENV)/bin/python -m pip --disable-pip-version-check -q install $(SDK_PKGS)
 	@touch $@
 
+# The AWS SAM CLI in its own venv: it pins boto3, jsonschema and others.
+$(SAM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip --disable-pip-version-check -q install aws-sam-cli==1.170.0
+	@touch $@
+
 setup: $(VENV)/.serve ## create the runtime environment
-setup-dev: $(VENV)/.dev $(SDK_VENV)/.installed ## create the full development environment
+setup-dev: $(VENV)/.dev $(SDK_VENV)/.installed $(SAM_VENV)/.installed ## create the full development environment
 
 serve: $(VENV)/.serve ## run the API locally on $(HOST):$(PORT) (model: CLIP_MODEL_DIR, default the demo model)
 	CLIP_MODEL_DIR=$(CLIP_MODEL_DIR) $(PY) -m clip_serverless.api.local --host $(HOST) --port $(PORT)
@@ -60,5 +76,25 @@ models-b32: $(VENV)/.dev ## full-size seeded ViT-B/32, fp32 and int8, into build
 bench: models-b32 ## ONNX Runtime vs PyTorch benchmark
 	$(PY) bench/bench_core.py
 
+sam-setup: $(SAM_VENV)/.installed ## install the AWS SAM CLI into .venv-sam
+
+sam-validate: sam-setup ## sam validate and --lint, both templates
+	for t in template.yaml template.image.yaml; do $(SAM) validate -t $$t && $(SAM) validate --lint -t $$t || exit 1; done
+
+sam-build: sam-setup ## sam build (zip flavour; model from CLIP_MODEL_SRC)
+	CLIP_MODEL_SRC=$(CLIP_MODEL_SRC) $(SAM) build
+
+sam-deploy: sam-build ## sam deploy --guided
+	$(SAM) deploy --guided
+
+sam-invoke: $(VENV)/.dev ## run a built function without Docker (FUNCTION=, EVENT=)
+	PYTHONPATH=infra $(PY) -m lambda_runtime invoke $(FUNCTION) -e $(EVENT) --s3 moto
+
+sam-sizes: $(VENV)/.dev ## each built function + its layers against Lambda's 250 MiB
+	PYTHONPATH=infra $(PY) -m lambda_runtime sizes
+
+bench-cold-start: models-b32 sam-setup ## cold start of the built functions vs a naive PyTorch handler
+	$(PY) bench/bench_cold_start.py
+
 clean: ## remove environments and build output
-	rm -rf $(VENV) $(SDK_VENV) build .aws-sam
+	rm -rf $(VENV) $(SDK_VENV) $(SAM_VENV) build .aws-sam

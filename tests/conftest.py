@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = Path(os.environ.get("XX_TMP_MODEL", REPO / "models" / "clip-tiny"))
+TINY_MODEL = REPO / "models" / "clip-tiny"
 
 # No test may reach AWS: fake credentials and region for boto3/moto, set before anything imports boto3.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

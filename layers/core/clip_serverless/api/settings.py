@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .secrets import resolve_api_key
+
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "clip-tiny"
 
 
@@ -96,6 +98,6 @@ class Settings:
             truncate_text=_bool("CLIP_TRUNCATE_TEXT", True),
             max_body_bytes=_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
             max_image_pixels=_int("CLIP_MAX_IMAGE_PIXELS", 64_000_000),
-            api_key=os.environ.get("CLIP_API_KEY") or None,
+            api_key=resolve_api_key(),  # CLIP_API_KEY, else SSM / Secrets Manager (secrets.py)
             url=UrlSettings.from_env(),
         )

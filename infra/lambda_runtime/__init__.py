@@ -1,0 +1,38 @@
+"""`sam local invoke` without Docker: built functions run under AWS's runtime client against a stand-in.
+
+- :mod:`.runtime_api`: the Runtime API (and ``GetLayerVersionByArn``) stand-in, an HTTP server.
+- :mod:`.sam_build`: reading ``.aws-sam/build``: code, layers, environment per function.
+- :mod:`.runner`: :class:`~.runner.LocalLambda`, one execution environment in a fresh python3.12 process.
+
+    PYTHONPATH=infra .venv/bin/python -m lambda_runtime invoke EmbedTextFunction -e events/embed_text.http-api.json
+"""
+
+from .runner import (
+    FunctionSpec,
+    LocalLambda,
+    LocalLambdaError,
+    built_function,
+    cold_start,
+    ensure_runtime,
+    find_python,
+)
+from .runtime_api import InitError, InvocationResult, RuntimeApi
+from .sam_build import LAMBDA_UNZIPPED_LIMIT, BuiltApp, BuiltFunction, layer_arn, tree_bytes
+
+__all__ = [
+    "LAMBDA_UNZIPPED_LIMIT",
+    "BuiltApp",
+    "BuiltFunction",
+    "FunctionSpec",
+    "InitError",
+    "InvocationResult",
+    "LocalLambda",
+    "LocalLambdaError",
+    "RuntimeApi",
+    "built_function",
+    "cold_start",
+    "ensure_runtime",
+    "find_python",
+    "layer_arn",
+    "tree_bytes",
+]

@@ -1,0 +1,332 @@
+"""`sam build` output, run as Lambda runs it: the project's `sam local invoke` without Docker.
+
+A session fixture runs `sam validate`-checked `sam build` into build/sam-test/ (python3.12, the layers'
+Makefiles; ~3 s when build/layer-cache/ is warm, ~30 s on a fresh clone). Each function then runs in a
+fresh python3.12 process under AWS's runtime client (awslambdaric) against the Runtime API stand-in,
+with the embedding cache on a moto S3 server and the API key in moto's SSM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "infra"))
+
+from lambda_runtime import (  # noqa: E402
+    LAMBDA_UNZIPPED_LIMIT,
+    BuiltApp,
+    LocalLambda,
+    LocalLambdaError,
+    built_function,
+    find_python,
+)
+from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
+
+EVENTS = REPO / "events"
+TEST_BUILD = REPO / "build" / "sam-test"
+MiB = 1024 * 1024
+ENDPOINTS = {"embed_text": "EmbedTextFunction", "embed_image": "EmbedImageFunction", "compare": "CompareFunction"}
+BUCKET = "clip-cache-test"
+PREFIX = "embeddings/"
+SSM_KEY_NAME = "/clip-serverless/api-key"
+API_KEY = "test-key-5f1c"
+
+
+def model_src() -> Path:
+    raw = os.environ.get("CLIP_MODEL_SRC") or "models/clip-tiny"
+    path = Path(raw) if Path(raw).is_absolute() else REPO / raw
+    assert (path / "manifest.json").exists(), f"model directory {path} is missing (CLIP_MODEL_SRC)"
+    return path
+
+
+def sam_cli() -> str:
+    candidate = os.environ.get("CLIP_SAM") or str(REPO / ".venv-sam" / "bin" / "sam")
+    assert Path(candidate).exists() or shutil.which(candidate), \
+        f"AWS SAM CLI not found at {candidate}: `make sam-setup` installs it into .venv-sam"
+    return candidate
+
+
+@pytest.fixture(scope="session")
+def lambda_python() -> str:
+    return find_python()
+
+
+@pytest.fixture(scope="session")
+def sam_env(lambda_python: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """`sam build` needs python3.12 on PATH: a directory with just that link, first on PATH."""
+    bin_dir = tmp_path_factory.mktemp("py312-bin")
+    (bin_dir / "python3.12").symlink_to(lambda_python)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_PROFILE")}
+    env.update({"PATH": f"{bin_dir}:{env.get('PATH', '')}", "SAM_CLI_TELEMETRY": "0",
+                "AWS_DEFAULT_REGION": "us-east-1", "CLIP_MODEL_SRC": str(model_src()),
+                "CLIP_LAMBDA_PYTHON": lambda_python})
+    return env
+
+
+def run_sam(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sam_cli(), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def built(sam_env: dict[str, str]) -> BuiltApp:
+    build_dir = TEST_BUILD / "build"
+    start = time.perf_counter()
+    done = run_sam(sam_env, "build", "--template", "template.yaml", "--build-dir", str(build_dir))
+    assert done.returncode == 0, f"sam build failed:\n{done.stdout}\n{done.stderr}"
+    print(f"\nsam build: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return BuiltApp(build_dir)
+
+
+# ---- validate, build, sizes ----------------------------------------------------------------------
+@pytest.mark.parametrize("template", ["template.yaml", "template.image.yaml"])
+@pytest.mark.parametrize("lint", [False, True], ids=["transform", "lint"])
+def test_sam_validate(sam_env: dict[str, str], template: str, lint: bool) -> None:
+    done = run_sam(sam_env, "validate", "--template", template, *(["--lint"] if lint else []))
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "is a valid SAM Template" in done.stdout + done.stderr
+
+
+def test_build_has_every_function_and_layer(built: BuiltApp) -> None:
+    assert set(built.functions) == set(ENDPOINTS.values())
+    for fn in built.functions.values():
+        assert (fn.code / "app.py").exists()
+        assert all(layer.path.is_dir() for layer in fn.layers)
+
+
+def test_every_function_with_its_layers_fits_lambdas_unzipped_limit(built: BuiltApp) -> None:
+    assert 250 * MiB == LAMBDA_UNZIPPED_LIMIT
+    sizes = {name: fn.unzipped_bytes() for name, fn in built.functions.items()}
+    print("\n" + "\n".join(f"{name}: {size / MiB:.1f} MiB" for name, size in sizes.items()), file=sys.stderr)
+    over = {name: f"{size / MiB:.1f} MiB" for name, size in sizes.items() if size > LAMBDA_UNZIPPED_LIMIT}
+    assert not over, f"over Lambda's 250 MiB (function + layers, unzipped): {over}"
+
+
+def test_dependency_layers_are_slimmed_and_precompiled(built: BuiltApp) -> None:
+    for name in ("DepsTextLayer", "DepsImageLayer", "DepsAllLayer"):
+        site = built.layers[name].path / "python"
+        assert (site / "onnxruntime" / "capi").is_dir()
+        assert not list((site / "onnxruntime" / "capi").glob("libonnxruntime.so*"))
+        for unwanted in ("huggingface_hub", "hf_xet", "google", "boto3", "onnxruntime/transformers"):
+            assert not (site / unwanted).exists(), f"{name}: {unwanted} should not be shipped"
+        assert not list(site.rglob("tests")), f"{name}: test suites shipped"
+        pyc = site / "numpy" / "__pycache__" / "__init__.cpython-312.pyc"
+        flags = struct.unpack("<I", pyc.read_bytes()[4:8])[0]
+        assert flags == 0b01, "expected an unchecked-hash .pyc (PEP 552): /opt is read-only, mtimes unreliable"
+    assert not (built.layers["DepsTextLayer"].path / "python" / "PIL").exists()
+    assert not (built.layers["DepsImageLayer"].path / "python" / "tokenizers").exists()
+
+
+# ---- running the built functions -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    kwargs: dict[str, Any] = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    boto3.client("s3", **kwargs).create_bucket(Bucket=BUCKET)
+    boto3.client("ssm", **kwargs).put_parameter(Name=SSM_KEY_NAME, Value=API_KEY, Type="SecureString")
+    yield endpoint
+    server.stop()
+
+
+def s3_keys(endpoint: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def functions(built: BuiltApp, moto_endpoint: str, lambda_python: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalLambda]]:
+    """One execution environment per function, started once for this module (cold start each)."""
+    running = {}
+    try:
+        for endpoint, name in ENDPOINTS.items():
+            spec = built_function(built, name, resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
+            fn = LocalLambda(spec, tmp_path_factory.mktemp(endpoint), python=lambda_python,
+                             env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
+            fn.start()
+            running[endpoint] = fn
+        yield running
+    finally:
+        for fn in running.values():
+            fn.stop()
+
+
+def event(name: str) -> dict[str, Any]:
+    return dict(json.loads((EVENTS / f"{name}.json").read_text()))
+
+
+def body_of(response: dict[str, Any]) -> Any:
+    body = response["body"]
+    return json.loads(base64.b64decode(body) if response.get("isBase64Encoded") else body)
+
+
+def request_body(evt: dict[str, Any]) -> Any:
+    return json.loads(base64.b64decode(evt["body"]) if evt.get("isBase64Encoded") else evt["body"])
+
+
+@pytest.fixture(scope="module")
+def in_process() -> Iterator[Any]:
+    """The same app in this test process (Python 3.11, the dev venv's packages): the reference answer."""
+    from clip_serverless.api.app import build
+    from fastapi.testclient import TestClient
+
+    saved = dict(os.environ)
+    os.environ.update({"CLIP_MODEL_DIR": str(model_src()), "CLIP_CACHE": "off"})
+    for key in ("CLIP_API_KEY", "CLIP_API_KEY_SSM_PARAMETER", "CLIP_API_KEY_SECRET_ID"):
+        os.environ.pop(key, None)
+    try:
+        with TestClient(build()) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("payload", ["http-api", "rest-api"])
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
+def test_built_function_answers_like_the_app(functions: dict[str, LocalLambda], in_process: Any,
+                                             endpoint: str, payload: str) -> None:
+    evt = event(f"{endpoint}.{payload}")
+    response = functions[endpoint].invoke_json(evt)
+    assert response["statusCode"] == 200, response
+    got = body_of(response)
+    want = in_process.post(f"/clip/{endpoint}", json=request_body(evt)).json()
+    key = "similarity" if endpoint == "compare" else "embeddings"
+    assert len(got[key]) == len(want[key]) > 0
+    tolerance = 1e-4
+    if endpoint == "compare":
+        assert got[key] == pytest.approx(want[key], abs=tolerance)
+    else:
+        for a, b in zip(got[key], want[key], strict=True):
+            assert len(a) == len(b) and a == pytest.approx(b, abs=tolerance)
+
+
+def test_health_route_names_the_model_and_the_loaded_tower(functions: dict[str, LocalLambda]) -> None:
+    response = functions["embed_text"].invoke_json(event("healthz.http-api"))
+    assert response["statusCode"] == 200
+    health = body_of(response)
+    manifest = json.loads((model_src() / "manifest.json").read_text())
+    assert health["model_id"] == manifest["model_id"]
+    assert health["loaded"] == ["textual"] and health["endpoints"] == ["/clip/embed_text"]
+
+
+def test_compare_took_its_text_tower_from_the_text_layer(functions: dict[str, LocalLambda]) -> None:
+    functions["compare"].invoke_json(event("compare.http-api"))
+    output = functions["compare"].output()
+    assert "clip-fetch-model:" in output and "fetched textual.onnx, tokenizer.json" in output, output
+
+
+def test_embeddings_are_cached_in_s3_under_the_prefix(functions: dict[str, LocalLambda], moto_endpoint: str) -> None:
+    functions["embed_image"].invoke_json(event("embed_image.http-api"))
+    keys = s3_keys(moto_endpoint)
+    assert any("/image/" in key for key in keys), keys
+    assert keys and all(key.startswith(PREFIX) for key in keys)
+
+
+def test_api_key_from_ssm_is_required_when_configured(built: BuiltApp, moto_endpoint: str, lambda_python: str,
+                                                     tmp_path: Path) -> None:
+    spec = built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""},
+                          parameters={"ApiKeySource": "ssm", "ApiKeyName": SSM_KEY_NAME})
+    assert spec.environment["CLIP_API_KEY_SSM_PARAMETER"] == SSM_KEY_NAME
+    with LocalLambda(spec, tmp_path, python=lambda_python, env={"AWS_ENDPOINT_URL_SSM": moto_endpoint}) as fn:
+        evt = event("embed_text.http-api")
+        body = request_body(evt)
+        assert fn.invoke_json(evt)["statusCode"] == 401
+        wrong = {**evt, "body": json.dumps({**body, "api_key": "nope"}), "isBase64Encoded": False}
+        assert fn.invoke_json(wrong)["statusCode"] == 401
+        right = {**evt, "body": json.dumps({**body, "api_key": API_KEY}), "isBase64Encoded": False}
+        response = fn.invoke_json(right)
+        assert response["statusCode"] == 200 and len(body_of(response)["embeddings"]) == len(body["text"])
+
+
+def test_an_unreadable_api_key_fails_init_instead_of_serving_open(built: BuiltApp, moto_endpoint: str,
+                                                                  lambda_python: str, tmp_path: Path) -> None:
+    spec = built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""},
+                          parameters={"ApiKeySource": "ssm", "ApiKeyName": "/clip-serverless/missing"})
+    with LocalLambda(spec, tmp_path, python=lambda_python, env={"AWS_ENDPOINT_URL_SSM": moto_endpoint}) as fn, \
+            pytest.raises(LocalLambdaError, match="failed at init"):
+        fn.invoke(event("embed_text.http-api"))
+
+
+# ---- the container image's layout ----------------------------------------------------------------
+def dockerignore_allows(path: str) -> bool:
+    """Docker's rule: the last matching line wins; ``!`` re-includes."""
+    import fnmatch
+
+    allowed = True
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(p, pattern) for p in prefixes):
+            allowed = negate
+    return allowed
+
+
+def test_container_image_layout_runs_compare(built: BuiltApp, lambda_python: str, tmp_path: Path,
+                                             functions: dict[str, LocalLambda]) -> None:
+    model = model_src()
+    dockerfile = Dockerfile.parse(REPO / "Dockerfile", {"MODEL_DIR": str(model.relative_to(REPO))})
+    assert dockerfile.base == "public.ecr.aws/lambda/python:3.12"
+    assert any("requirements-all.txt" in run for run in dockerfile.runs)
+    model_arg = dockerfile.args["MODEL_DIR"]
+    for sources, _ in dockerfile.copies:
+        for source in sources:
+            assert source == model_arg or dockerignore_allows(source), f".dockerignore drops {source}"
+    for documented in ("build/models/ViT-B-32", "models/clip-tiny"):
+        assert dockerignore_allows(documented), f".dockerignore drops {documented}"
+    assert not dockerignore_allows(".venv/lib") and not dockerignore_allows("build/layer-cache/x")
+    root = assemble(dockerfile, tmp_path / "image", built.layers["DepsAllLayer"].path / "python")
+    assert (root / "opt" / "model" / "visual.onnx").exists() and (root / "opt" / "model" / "textual.onnx").exists()
+    assert (root / "var" / "task" / "clip_serverless" / "api" / "lambda_entry.py").exists()
+    spec = image_function(dockerfile, root, "CompareFunction", command="functions/compare/app.handler",
+                          environment={"CLIP_CACHE": "off"})
+    with LocalLambda(spec, tmp_path / "run", python=lambda_python) as fn:
+        evt = event("compare.http-api")
+        response = fn.invoke_json(evt)
+    assert response["statusCode"] == 200
+    zip_answer = body_of(functions["compare"].invoke_json(evt))
+    assert body_of(response)["similarity"] == pytest.approx(zip_answer["similarity"], abs=1e-5)
+
+
+# ---- the API key resolver (what the built functions call at init) --------------------------------
+def test_api_key_resolution_order_and_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from clip_serverless.api.secrets import ApiKeyUnavailable, resolve_api_key
+    from moto import mock_aws
+
+    assert resolve_api_key({}) is None
+    assert resolve_api_key({"CLIP_API_KEY": "direct", "CLIP_API_KEY_SSM_PARAMETER": "/x"}) == "direct"
+    with mock_aws():
+        boto3.client("ssm", region_name="us-east-1").put_parameter(Name="/k", Value="from-ssm", Type="SecureString")
+        boto3.client("secretsmanager", region_name="us-east-1").create_secret(Name="k", SecretString="from-sm")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        assert resolve_api_key({"CLIP_API_KEY_SSM_PARAMETER": "/k"}) == "from-ssm"
+        assert resolve_api_key({"CLIP_API_KEY_SECRET_ID": "k"}) == "from-sm"
+        with pytest.raises(ApiKeyUnavailable, match="CLIP_API_KEY_SSM_PARAMETER"):
+            resolve_api_key({"CLIP_API_KEY_SSM_PARAMETER": "/absent"})
+        with pytest.raises(ApiKeyUnavailable, match="not both"):
+            resolve_api_key({"CLIP_API_KEY_SSM_PARAMETER": "/k", "CLIP_API_KEY_SECRET_ID": "k"})

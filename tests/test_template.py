@@ -1,0 +1,254 @@
+"""The SAM templates, transformed to CloudFormation by AWS's own translator, as `sam deploy` would.
+
+Asserts what the deployment promises: routes, layers per function, environment, least-privilege
+policies, and the cache bucket's settings; and that the container-image flavour deploys the same API.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = {"zip": REPO / "template.yaml", "image": REPO / "template.image.yaml"}
+FUNCTIONS = ("EmbedTextFunction", "EmbedImageFunction", "CompareFunction")
+ROUTES = {
+    ("/clip/embed_text", "post"): "EmbedTextFunction",
+    ("/clip/embed_image", "post"): "EmbedImageFunction",
+    ("/clip/compare", "post"): "CompareFunction",
+    ("/healthz", "get"): "EmbedTextFunction",
+    ("/info", "get"): "EmbedTextFunction",
+}
+
+
+class _NoManagedPolicies:
+    """The translator asks IAM for AWS managed policy ARNs; the templates use none by name."""
+
+    def load(self) -> dict[str, str]:
+        return {}
+
+
+@cache
+def _transform(flavour: str) -> dict[str, Any]:
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    from samtranslator.translator.transform import transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    template = yaml_parse(TEMPLATES[flavour].read_text())
+    for name, resource in template["Resources"].items():
+        props = resource.get("Properties", {})
+        for key in ("CodeUri", "ContentUri"):  # `sam package` replaces local paths with S3 URIs
+            if key in props:
+                props[key] = f"s3://artifacts/{name}.zip"
+        if "ImageUri" in props or props.get("PackageType") == "Image":
+            props["ImageUri"] = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/clip:{name}"
+    result: dict[str, Any] = transform(template, {}, _NoManagedPolicies())
+    return result
+
+
+@pytest.fixture(params=sorted(TEMPLATES))
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def cfn(flavour: str) -> dict[str, Any]:
+    return copy.deepcopy(_transform(flavour))
+
+
+def resources(template: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {name: res for name, res in template["Resources"].items() if res["Type"] == kind}
+
+
+def layer_names(template: dict[str, Any], function: str) -> list[str]:
+    """Logical ids of a function's layers, without the hash suffix SAM appends to LayerVersions."""
+    return [re.sub(r"[0-9a-f]{10}$", "", ref["Ref"])
+            for ref in template["Resources"][function]["Properties"].get("Layers", [])]
+
+
+def routes(template: dict[str, Any]) -> dict[tuple[str, str], str]:
+    (api,) = resources(template, "AWS::ApiGatewayV2::Api").values()
+    found = {}
+    for path, methods in api["Properties"]["Body"]["paths"].items():
+        for method, spec in methods.items():
+            uri = spec["x-amazon-apigateway-integration"]["uri"]["Fn::Sub"]
+            target = re.search(r"functions/\$\{(\w+?)(Aliaslive)?(\.Arn)?\}/invocations", uri)
+            assert target, uri
+            found[(path, method)] = target.group(1)
+    return found
+
+
+def test_routes_send_each_endpoint_to_its_function(flavour: str) -> None:
+    assert routes(cfn(flavour)) == ROUTES
+
+
+def test_every_function_runs_python312_on_the_chosen_architecture_below_the_gateway_timeout(flavour: str) -> None:
+    template = cfn(flavour)
+    timeout = template["Parameters"]["FunctionTimeout"]
+    assert timeout["MaxValue"] < 30 and timeout["Default"] <= timeout["MaxValue"]
+    for name in FUNCTIONS:
+        props = template["Resources"][name]["Properties"]
+        assert props["Timeout"] == {"Ref": "FunctionTimeout"}
+        assert props["MemorySize"] == {"Ref": "MemorySize"}
+        assert props["Architectures"] == [{"Ref": "Architecture"}]
+        if flavour == "zip":
+            assert props["Runtime"] == "python3.12" and props["Handler"] == "app.handler"
+        else:
+            assert props["PackageType"] == "Image" and "Layers" not in props
+            assert props["ImageConfig"]["Command"] == [f"functions/{_endpoint(name)}/app.handler"]
+    assert set(template["Parameters"]["Architecture"]["AllowedValues"]) == {"x86_64", "arm64"}
+
+
+ENDPOINT_OF = {"EmbedTextFunction": "embed_text", "EmbedImageFunction": "embed_image", "CompareFunction": "compare"}
+
+
+def _endpoint(function: str) -> str:
+    return ENDPOINT_OF[function]
+
+
+def test_zip_functions_carry_only_the_layers_they_need() -> None:
+    template = cfn("zip")
+    assert layer_names(template, "EmbedTextFunction") == ["CoreLayer", "DepsTextLayer", "ModelTextLayer"]
+    assert layer_names(template, "EmbedImageFunction") == ["CoreLayer", "DepsImageLayer", "ModelVisualLayer"]
+    # compare: both towers do not fit beside its packages; the text tower comes from ModelTextLayer at init.
+    assert layer_names(template, "CompareFunction") == ["CoreLayer", "DepsAllLayer", "ModelVisualLayer", "FetchLayer"]
+    for layer in resources(template, "AWS::Lambda::LayerVersion").values():
+        runtimes = layer["Properties"].get("CompatibleRuntimes")
+        assert runtimes in (None, ["python3.12"])
+
+
+def test_environment_points_each_function_at_its_model_and_the_cache(flavour: str) -> None:
+    template = cfn(flavour)
+    for name in FUNCTIONS:
+        env = template["Resources"][name]["Properties"]["Environment"]["Variables"]
+        assert env["CLIP_CACHE_BUCKET"] == {"Ref": "CacheBucket"}
+        assert env["CLIP_CACHE_PREFIX"] == {"Ref": "CachePrefix"}
+        assert env["CLIP_MAX_BATCH_SIZE"] == {"Ref": "MaxBatchSize"}
+        assert env["CLIP_API_KEY_SSM_PARAMETER"]["Fn::If"][0] == "ApiKeyFromSsm"
+        assert env["CLIP_API_KEY_SECRET_ID"]["Fn::If"][0] == "ApiKeyFromSecretsManager"
+        assert "CLIP_API_KEY" not in env  # the key itself never sits in the function configuration
+        fetches = flavour == "zip" and name == "CompareFunction"
+        assert env["CLIP_MODEL_DIR"] == ("/tmp/clip-model" if fetches else "/opt/model")
+        assert ("AWS_LAMBDA_EXEC_WRAPPER" in env) == fetches
+    if flavour == "zip":
+        env = template["Resources"]["CompareFunction"]["Properties"]["Environment"]["Variables"]
+        assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bin/clip-fetch-model"
+        assert re.fullmatch(r"ModelTextLayer[0-9a-f]{10}", env["CLIP_FETCH_LAYERS"]["Ref"])
+
+
+def _statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    props = template["Resources"][role]["Properties"]
+    statements = [s for policy in props.get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
+    for arn in props.get("ManagedPolicyArns", []):
+        if "AWSLambdaBasicExecutionRole" in str(arn):  # CloudWatch Logs only, added by SAM
+            continue
+        assert arn == {"Ref": "FunctionPolicy"}, f"{role}: unexpected managed policy {arn}"
+        statements += template["Resources"]["FunctionPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    return statements
+
+
+def test_functions_may_touch_only_the_cache_prefix_and_their_key(flavour: str) -> None:
+    template = cfn(flavour)
+    for name in FUNCTIONS:
+        statements = _statements(template, f"{name}Role")
+        plain = [s for s in statements if "Fn::If" not in s]
+        conditional = [s["Fn::If"] for s in statements if "Fn::If" in s]
+        s3 = [s for s in plain if any(str(a).startswith("s3:") for a in _list(s["Action"]))]
+        assert {a for s in s3 for a in _list(s["Action"])} == {"s3:GetObject", "s3:PutObject", "s3:ListBucket"}
+        for statement in s3:
+            assert statement["Effect"] == "Allow"
+            if "s3:ListBucket" in _list(statement["Action"]):
+                assert statement["Resource"] == {"Fn::GetAtt": ["CacheBucket", "Arn"]}
+                assert statement["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${CachePrefix}*"}}}
+            else:
+                assert statement["Resource"] == {"Fn::Sub": "${CacheBucket.Arn}/${CachePrefix}*"}
+        assert sorted(c[0] for c in conditional) == ["ApiKeyFromSecretsManager", "ApiKeyFromSsm"]
+        for condition, statement, otherwise in conditional:
+            assert otherwise == {"Ref": "AWS::NoValue"}
+            assert _list(statement["Action"]) == (["ssm:GetParameter"] if condition == "ApiKeyFromSsm"
+                                                  else ["secretsmanager:GetSecretValue"])
+            assert "${ApiKeyName}" in statement["Resource"]["Fn::Sub"] and "*" not in statement["Resource"]["Fn::Sub"]
+        others = [s for s in plain if s not in s3 and not _is_sam_basic_execution(s)]
+        if flavour == "zip" and name == "CompareFunction":
+            (layer,) = others
+            assert _list(layer["Action"]) == ["lambda:GetLayerVersion"]
+            assert re.fullmatch(r"ModelTextLayer[0-9a-f]{10}", layer["Resource"]["Ref"])
+        else:
+            assert others == []
+        for statement in statements:
+            actions = [str(a) for a in _list(statement.get("Action", []))]
+            assert not any(a.endswith(":*") or a == "*" for a in actions), statement
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _is_sam_basic_execution(statement: dict[str, Any]) -> bool:
+    return statement.get("Action") == "sts:AssumeRole"
+
+
+def test_cache_bucket_is_private_encrypted_tls_only_and_expires(flavour: str) -> None:
+    template = cfn(flavour)
+    bucket = template["Resources"]["CacheBucket"]["Properties"]
+    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"][
+        "SSEAlgorithm"] in ("AES256", "aws:kms")
+    assert all(bucket["PublicAccessBlockConfiguration"][k] is True for k in
+               ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"))
+    (rule,) = bucket["LifecycleConfiguration"]["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["ExpirationInDays"] == {"Ref": "CacheExpirationDays"}
+    assert rule["Prefix"] == {"Ref": "CachePrefix"}
+    (policy,) = resources(template, "AWS::S3::BucketPolicy").values()
+    (deny,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Action"] == "s3:*" and deny["Principal"] == "*"
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert {"Fn::Sub": "${CacheBucket.Arn}/*"} in deny["Resource"]
+
+
+def test_logs_are_kept_for_the_chosen_days_and_the_url_is_an_output(flavour: str) -> None:
+    template = cfn(flavour)
+    groups = resources(template, "AWS::Logs::LogGroup")
+    assert {g["Properties"]["LogGroupName"]["Fn::Sub"] for g in groups.values()} == {
+        f"/aws/lambda/${{{name}}}" for name in FUNCTIONS}
+    assert all(g["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"} for g in groups.values())
+    assert "execute-api" in template["Outputs"]["ApiUrl"]["Value"]["Fn::Sub"]
+
+
+def test_api_key_parameters_select_the_store(flavour: str) -> None:
+    template = cfn(flavour)
+    assert set(template["Parameters"]["ApiKeySource"]["AllowedValues"]) == {"none", "ssm", "secretsmanager"}
+    assert template["Parameters"]["ApiKeySource"]["Default"] == "none"
+    assert template["Conditions"]["ApiKeyFromSsm"] == {"Fn::Equals": [{"Ref": "ApiKeySource"}, "ssm"]}
+
+
+def test_both_flavours_deploy_the_same_bucket_policy_and_api() -> None:
+    zip_cfn, image_cfn = cfn("zip"), cfn("image")
+    for name in ("CacheBucket", "CacheBucketPolicy", "FunctionPolicy"):
+        assert zip_cfn["Resources"][name] == image_cfn["Resources"][name], name
+    assert routes(zip_cfn) == routes(image_cfn)
+    shared = set(zip_cfn["Parameters"]) & set(image_cfn["Parameters"])
+    for name in shared:
+        assert zip_cfn["Parameters"][name] == image_cfn["Parameters"][name] or name == "MemorySize", name
+
+
+def test_a_broken_template_is_rejected_by_the_translator(tmp_path: Path) -> None:
+    """The transform above can fail: an event pointing at an API that does not exist is an error."""
+    from samtranslator.model.exceptions import InvalidDocumentException
+    from samtranslator.translator.transform import transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    text = TEMPLATES["zip"].read_text().replace("ApiId: !Ref HttpApi, Method: POST, Path: /clip/compare",
+                                                "ApiId: !Ref NoSuchApi, Method: POST, Path: /clip/compare")
+    template = yaml_parse(text)
+    for name, resource in template["Resources"].items():
+        for key in ("CodeUri", "ContentUri"):
+            if key in resource.get("Properties", {}):
+                resource["Properties"][key] = f"s3://artifacts/{name}.zip"
+    with pytest.raises(InvalidDocumentException):
+        transform(template, {}, _NoManagedPolicies())
