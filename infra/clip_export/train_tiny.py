@@ -10,8 +10,14 @@ exported graphs see at serving time exactly what they saw in training.
 
     python -m clip_export.train_tiny --out models/clip-tiny [--steps N] [--seed S]
 
-The PyTorch weights are saved too (``--torch-out``, default ``build/clip-tiny-torch``: at ~14 MB they do
+The PyTorch weights are saved too (``--torch-out``, default ``build/clip-tiny-torch``: at 14.5 MB they do
 not fit in the repository's 20 MB budget beside the ONNX graphs).
+
+With the defaults (seed 0, 1200 steps of 64 images, one torch thread) a run takes 4-6 minutes on a shared
+2-core machine and is deterministic (same losses, same weights). Colour words are learnt within ~100
+steps; shape words take ~800: a ViT with 32-pixel patches has no built-in translation invariance below
+the patch size, which is why the shapes are drawn upright (``shapes.MAX_TILT_DEGREES``) and the patch
+position embeddings start as sine-cosine codes (:func:`new_model`).
 """
 
 from __future__ import annotations
