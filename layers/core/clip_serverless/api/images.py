@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .errors import ImageLoadError
 from .schemas import ImageInput
 from .settings import UrlSettings
-from .url_fetch import UrlFetchError, UrlPolicy, fetch_image_url
+from .url_fetch import UrlFetchError, fetch_image_url
 
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 # Types Roboflow knows but this service refuses: `numpy` is a pickle (remote code execution), the
@@ -42,19 +42,12 @@ def decode_base64_image(value: object) -> bytes:
     return data
 
 
-def url_policy(settings: UrlSettings) -> UrlPolicy:
-    return UrlPolicy(
-        allow_http=settings.allow_http, connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout, total_timeout=settings.total_timeout,
-        max_bytes=settings.max_bytes, max_redirects=settings.max_redirects)
-
-
 class ImageLoader:
     """Loads image bytes from ``{"type", "value"}`` declarations (and bare strings, as Roboflow's compare does)."""
 
-    def __init__(self, settings: UrlSettings, policy: UrlPolicy | None = None) -> None:
+    def __init__(self, settings: UrlSettings) -> None:
         self.settings = settings
-        self.policy = policy or url_policy(settings)
+        self.policy = settings.policy
 
     def load(self, image: ImageInput | str) -> bytes:
         if isinstance(image, str):

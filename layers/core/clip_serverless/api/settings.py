@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .secrets import resolve_api_key
+from .url_fetch import UrlPolicy
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "clip-tiny"
 
@@ -54,26 +55,23 @@ def _bool(name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class UrlSettings:
-    """Limits on fetching images from caller-supplied URLs (the service's SSRF surface)."""
+    """Whether image URLs are accepted, and the limits of fetching them (the service's SSRF surface)."""
 
     enabled: bool = True
-    allow_http: bool = False
-    connect_timeout: float = 3.0
-    read_timeout: float = 10.0
-    total_timeout: float = 15.0
-    max_bytes: int = 20 * 1024 * 1024
-    max_redirects: int = 3
+    policy: UrlPolicy = field(default_factory=UrlPolicy)
 
     @classmethod
     def from_env(cls) -> UrlSettings:
         return cls(
             enabled=_bool("CLIP_ALLOW_URL_INPUT", True),
-            allow_http=_bool("CLIP_ALLOW_HTTP_URLS", False),
-            connect_timeout=_float("CLIP_URL_CONNECT_TIMEOUT", 3.0),
-            read_timeout=_float("CLIP_URL_READ_TIMEOUT", 10.0),
-            total_timeout=_float("CLIP_URL_TOTAL_TIMEOUT", 15.0),
-            max_bytes=_int("CLIP_URL_MAX_BYTES", 20 * 1024 * 1024),
-            max_redirects=_int("CLIP_URL_MAX_REDIRECTS", 3, minimum=0),
+            policy=UrlPolicy(
+                allow_http=_bool("CLIP_ALLOW_HTTP_URLS", False),
+                connect_timeout=_float("CLIP_URL_CONNECT_TIMEOUT", 3.0),
+                read_timeout=_float("CLIP_URL_READ_TIMEOUT", 10.0),
+                total_timeout=_float("CLIP_URL_TOTAL_TIMEOUT", 15.0),
+                max_bytes=_int("CLIP_URL_MAX_BYTES", 20 * 1024 * 1024),
+                max_redirects=_int("CLIP_URL_MAX_REDIRECTS", 3, minimum=0),
+            ),
         )
 
 
