@@ -9,7 +9,8 @@ import sys
 from ..core.model_dir import ModelDirError
 from .settings import Settings, SettingsError
 
-EXPORT_HINT = "python -m clip_export pretrained --arch ViT-B-32 --out build/models/ViT-B-32 (needs internet)"
+EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --arch ViT-B-32 "
+               "--out build/models/ViT-B-32 --int8   (needs internet)")
 
 
 def banner(model_id: str, provenance: dict[str, object], host: str, port: int) -> str:
