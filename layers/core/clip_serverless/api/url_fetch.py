@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -131,14 +132,19 @@ def fetch_image_url(url: str, policy: UrlPolicy) -> bytes:
     Returns within about ``policy.total_timeout`` seconds whatever the server does.
     """
     deadline = time.monotonic() + policy.total_timeout
-    future = _FETCH_POOL.submit(_fetch, url, policy, deadline)
+    responses: list[Any] = []  # the worker's open response, so a timed-out read can be interrupted
+    future = _FETCH_POOL.submit(_fetch, url, policy, deadline, responses)
     try:
         return future.result(timeout=policy.total_timeout + 0.5)
     except concurrent.futures.TimeoutError:
+        for response in responses:
+            shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3: unblocks a read in progress
+            if callable(shutdown):
+                shutdown()
         raise UrlFetchError("Timed out fetching the image URL.") from None
 
 
-def _fetch(url: str, policy: UrlPolicy, deadline: float) -> bytes:
+def _fetch(url: str, policy: UrlPolicy, deadline: float, responses: list[Any]) -> bytes:
     import urllib3  # only callers that fetch URLs pay for it
 
     current = url
@@ -169,6 +175,7 @@ def _fetch(url: str, policy: UrlPolicy, deadline: float) -> bytes:
         except urllib3.exceptions.HTTPError:
             pool.close()
             raise UrlFetchError("Could not connect to the image URL.") from None
+        responses.append(response)
         try:
             if response.status in (301, 302, 303, 307, 308):
                 location = response.headers.get("Location")
@@ -185,10 +192,9 @@ def _fetch(url: str, policy: UrlPolicy, deadline: float) -> bytes:
     raise UrlFetchError(f"The image URL redirected more than {policy.max_redirects} times.")
 
 
-def _read_capped(response: object, policy: UrlPolicy, deadline: float) -> bytes:
+def _read_capped(response: Any, policy: UrlPolicy, deadline: float) -> bytes:
     import urllib3
 
-    assert isinstance(response, urllib3.BaseHTTPResponse)
     declared = response.headers.get("Content-Length")
     too_large = f"The image at the URL is larger than {policy.max_bytes} bytes."
     if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
