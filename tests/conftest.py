@@ -76,3 +76,15 @@ def client(make_app: Callable[..., Any]) -> Iterator[Any]:
 
     with TestClient(make_app(), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real HTTP S3/SSM endpoint (moto) on 127.0.0.1, shared by the tests; each module makes its own buckets."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -131,19 +131,13 @@ def test_dependency_layers_are_slimmed_and_precompiled(built: BuiltApp) -> None:
 
 # ---- running the built functions -----------------------------------------------------------------
 @pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
+def moto_endpoint(moto_server: str) -> str:
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    kwargs: dict[str, Any] = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    kwargs: dict[str, Any] = {"endpoint_url": moto_server, "region_name": "us-east-1"}
     boto3.client("s3", **kwargs).create_bucket(Bucket=BUCKET)
     boto3.client("ssm", **kwargs).put_parameter(Name=SSM_KEY_NAME, Value=API_KEY, Type="SecureString")
-    yield endpoint
-    server.stop()
+    return moto_server
 
 
 def s3_keys(endpoint: str) -> list[str]:

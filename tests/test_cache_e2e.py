@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tests.conftest import image_obj
 from tests.handlers import load_function
@@ -21,14 +20,9 @@ CAPTIONS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of
 
 
 @pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
+def moto_url(moto_server: str) -> str:
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return moto_server
 
 
 def s3_keys(url: str) -> list[str]:

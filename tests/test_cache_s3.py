@@ -24,7 +24,6 @@ from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
 from clip_serverless.cache.stats import CacheStats
 from moto import mock_aws
-from moto.server import ThreadedMotoServer
 
 DIM = 16
 MODEL = ModelIdentity(model_id="clip/ViT-B-32", digest="ab" * 32, embed_dim=DIM)
@@ -75,12 +74,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def moto_url(moto_server: str) -> str:
+    return moto_server
 
 
 @dataclass
