@@ -128,6 +128,32 @@ class S3Tier:
                     self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="clip-cache-s3")
         return self._client, self._pool
 
+    def renew(self) -> bool:
+        """Replace the boto3 client, and with it its connection pool; True when there was one to replace.
+
+        For a SnapStart restore (:mod:`clip_serverless.snapstart`): the client created at init holds pooled
+        connections the peer closed long ago, shared by every environment restored from the snapshot. The
+        old client's connections are closed; the new client is created now (restore runs before the first
+        request). A tier that never created a client stays lazy. Never raises: a client that cannot be
+        created now is created at first use, where a failure counts as a fault. Meant for a moment with no
+        request in flight: a call still using the old client may fail, and counts as a fault.
+        """
+        with self._lock:
+            old, self._client = self._client, None
+        if old is None:
+            return False
+        close = getattr(old, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:
+                self.faults.fault("s3", f"closing the old client: {type(exc).__name__}", str(exc)[:200])
+        try:
+            self._ensure_ready()
+        except Exception as exc:
+            self.faults.fault("s3", f"client: {type(exc).__name__}", str(exc)[:200])
+        return True
+
     @property
     def client(self) -> Any:
         """The boto3 S3 client, created on first access."""
