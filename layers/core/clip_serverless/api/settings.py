@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .secrets import resolve_api_key
+from .secrets import ApiKey
 from .url_fetch import UrlPolicy
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "clip-tiny"
@@ -83,7 +83,8 @@ class Settings:
     truncate_text: bool = True  # False: over-long text is a 400 instead of being cut to 77 tokens
     max_body_bytes: int = 6 * 1024 * 1024  # Lambda's synchronous payload limit
     max_image_pixels: int = 64_000_000
-    api_key: str | None = field(default=None, repr=False)
+    # The key holder, not the key: SnapStart's after-restore hook re-reads it (snapstart.py). Default: open.
+    api_key_holder: ApiKey = field(default_factory=ApiKey, repr=False, compare=False)
     url: UrlSettings = field(default_factory=UrlSettings)
 
     @classmethod
@@ -96,6 +97,12 @@ class Settings:
             truncate_text=_bool("CLIP_TRUNCATE_TEXT", True),
             max_body_bytes=_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
             max_image_pixels=_int("CLIP_MAX_IMAGE_PIXELS", 64_000_000),
-            api_key=resolve_api_key(),  # CLIP_API_KEY, else SSM / Secrets Manager (secrets.py)
+            api_key_holder=ApiKey.from_env(),  # CLIP_API_KEY, else Secrets Manager / SSM (secrets.py)
             url=UrlSettings.from_env(),
         )
+
+    @property
+    def api_key(self) -> str | None:
+        """The key callers must present (None: the API is open), read per request so a renewal takes effect.
+        Raises ApiKeyUnavailable (a 500, never an open API) after a failed re-read."""
+        return self.api_key_holder.get()
