@@ -3,14 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
+from typing import Any
+from urllib.parse import unquote_plus
 
 from ..core.model_dir import ModelDirError
 from .settings import Settings, SettingsError
 
 EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --arch ViT-B-32 "
                "--out build/models/ViT-B-32 --int8   (needs internet)")
+
+
+_QUERY = re.compile(r"\?([^\s\"']*)")
+
+
+def _redact_params(query: str) -> str:
+    parts = []
+    for part in query.split("&"):
+        name, sep, _value = part.partition("=")
+        # Starlette reads the key by its decoded name, so `api%5Fkey=...` is a key too.
+        parts.append(f"{name}=***" if sep and unquote_plus(name).lower() == "api_key" else part)
+    return "&".join(parts)
+
+
+def redact_api_key(text: str) -> str:
+    """``text`` with the value of every ``api_key`` query parameter replaced by ``***``."""
+    if "?" not in text:
+        return text
+    return _QUERY.sub(lambda match: "?" + _redact_params(match.group(1)), text)
+
+
+class RedactApiKey(logging.Filter):
+    """Keeps API keys sent as ``?api_key=...`` out of uvicorn's access log (the path is one of its args)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_api_key(arg) if isinstance(arg, str) else arg for arg in record.args)
+        elif isinstance(record.msg, str) and not record.args:
+            record.msg = redact_api_key(record.msg)
+        return True
+
+
+def server(app: Any, host: str, port: int) -> Any:
+    """A uvicorn server for ``app`` whose access log never shows an API key."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")  # configures uvicorn's loggers
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactApiKey) for f in access.filters):
+        access.addFilter(RedactApiKey())
+    return uvicorn.Server(config)
 
 
 def banner(model_id: str, provenance: dict[str, object], host: str, port: int) -> str:
@@ -40,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelDirError, SettingsError) as exc:
         print(f"clip-serverless: cannot start: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
     service = app.state.service
     service.preload(("visual", "textual"))  # the first request should not pay for loading
     manifest = service.manifest
     print(banner(manifest.model_id, manifest.provenance, args.host, args.port), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    local = server(app, args.host, args.port)
+    local.run()
+    return 0 if local.started else 1  # as uvicorn.run: not started (e.g. the port is taken) is a failure
 
 
 if __name__ == "__main__":
