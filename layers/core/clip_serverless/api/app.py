@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.model_dir import ModelDir
 from ..service import ClipService
+from .body import strict_router
 from .errors import error_response, install_error_handlers
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
 from .settings import Settings
@@ -77,7 +78,9 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
     )
     app.state.service = service
     install_error_handlers(app)
-    app.include_router((routes or ClipRoutes(service, settings)).router(endpoints))
+    clip = routes or ClipRoutes(service, settings)
+    # Strict JSON bodies, and a query/header API key checked before the body is parsed (body.py).
+    app.include_router(strict_router(clip.router(endpoints), lambda: clip.settings.api_key))
 
     def info() -> dict[str, object]:
         return {"name": "clip-serverless", "version": VERSION, "uuid": _INSTANCE}

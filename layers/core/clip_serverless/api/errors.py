@@ -1,15 +1,20 @@
 """Typed HTTP errors and the one place that turns exceptions into JSON responses.
 
 Every error body is a JSON object with a ``message`` (inference-sdk reads ``message``), except
-FastAPI's own 422 validation errors, which keep FastAPI's shape as Roboflow's server does.
+FastAPI's own 422 validation errors, which keep FastAPI's shape as Roboflow's server does. No error
+can turn into a 500 for holding a non-finite float (a 422 echoes the input): they render as null.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -54,8 +59,26 @@ class PayloadTooLarge(ApiError):
     status_code = 413
 
 
+def _finite(value: Any) -> Any:
+    """JSON-compatible data with NaN and infinities replaced by None (as FastAPI's streaming encoder does)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+class ErrorJSONResponse(JSONResponse):
+    """Starlette's JSONResponse (``allow_nan=False``), minus its one way to fail on JSON-compatible data."""
+
+    def render(self, content: Any) -> bytes:
+        return super().render(_finite(content))
+
+
 def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"message": message}, status_code=status_code, headers=headers)
+    return ErrorJSONResponse({"message": message}, status_code=status_code, headers=headers)
 
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -69,6 +92,12 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own handler and shape; the errors echo the input, which must not make this a 500.
+    assert isinstance(exc, RequestValidationError)
+    return ErrorJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The detail goes to the log only: it may hold paths or library internals.
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -78,4 +107,5 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
