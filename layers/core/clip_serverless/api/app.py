@@ -24,25 +24,43 @@ except PackageNotFoundError:  # deployed as a layer, not as an installed distrib
 _INSTANCE = str(uuid.uuid4())
 
 
+# Bytes that JSON escaping doubles when API Gateway puts the body into the Lambda event as a string. (Other
+# control characters take 6 bytes escaped, but cannot appear raw in valid JSON.)
+_ESCAPED = (b'"', b"\\", b"\n", b"\r", b"\t")
+
+
+def event_bytes(chunk: bytes) -> int:
+    """What ``chunk`` of a body weighs inside a Lambda event: its length plus one per escaped byte."""
+    return len(chunk) + sum(chunk.count(byte) for byte in _ESCAPED)
+
+
 class BodyLimit:
-    """413 with a JSON message for bodies over the limit (Lambda's own limit is 6 MB per request)."""
+    """413 with a JSON message for a body a Lambda event could not carry (see ``settings.DEFAULT_MAX_BODY_BYTES``).
+
+    The body counts as it would sit in the event: quotes, backslashes and line breaks twice. This runs before
+    routing, so before the API key is checked: on AWS an oversize request never reaches the function either.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.message = (
+            f"The request body is too large: the limit is {max_bytes} bytes (AWS Lambda takes 6 MB per request, "
+            f"the API Gateway event around the body included; quotes, backslashes and line breaks count twice). "
+            f'Send large images by URL ({{"type": "url", "value": "https://..."}}) instead of base64, '
+            f"or fewer per request.")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            413, f"Request body is larger than {self.max_bytes} bytes. Send large images by URL instead.")
+        too_large = error_response(413, self.message)
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await too_large(scope, receive, send)
                 return
-        # No (or a lying) Content-Length: count while reading.
-        received = 0
+        # Within the declared length (or none, or a lying one): count while reading.
+        weight = 0
         body: list[bytes] = []
         more = True
         while more:
@@ -50,8 +68,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.max_bytes:
+            weight += event_bytes(chunk)
+            if weight > self.max_bytes:
                 await too_large(scope, receive, send)
                 return
             body.append(chunk)

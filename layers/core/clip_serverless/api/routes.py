@@ -110,6 +110,15 @@ class ClipRoutes:
         texts = body.text if isinstance(body.text, list) else [body.text]
         if not texts:
             raise BadRequest("text is an empty list; send at least one string.")
+        from .errors import PayloadTooLarge
+        from .settings import max_embeddings_per_response
+
+        # Refused before any work: Lambda cannot return more than 6 MB, and would fail only after the work.
+        budget = self.settings.max_response_bytes
+        most = max_embeddings_per_response(self.service.manifest.embed_dim, budget)
+        if len(texts) > most:
+            raise PayloadTooLarge(f"The maximum number of texts per call is {most} (their embeddings must fit in "
+                                  f"a {budget}-byte response); got {len(texts)}. Split the request.")
         started = time.perf_counter()
         result = self._embed_texts(texts, use_cache)
         return self._respond("embed_text", {"embeddings": result.vectors.tolist()}, started, len(texts), [result])
