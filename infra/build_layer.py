@@ -22,14 +22,26 @@ start would compile every module it imports (the layer imports in ~670 ms withou
 ``unchecked-hash`` pycs are used without looking at the source's timestamp, which layer zips do not
 keep reliably. They must be compiled by Lambda's Python (3.12): the pyc format is per minor version.
 
-Deps builds are cached under ``build/layer-cache/`` by a hash of the pinned requirements, the target
-platform and this file, so a repeated ``sam build`` copies instead of reinstalling.
+Deps builds are cached under ``build/layer-cache/`` (``$CLIP_LAYER_CACHE``; ``off`` disables it) by a hash
+of the pinned requirements, the target platform and this file, so a repeated ``sam build`` copies instead of
+reinstalling. Where the cache cannot be written (SAM's build container mounts the project read-only) the
+layer is built without it.
+
+Every layer records what it was built from in ``clip-build/<kind>.json`` at its root (``/opt/clip-build/``
+on Lambda): the deps layer its architecture and wheel platforms, the model layer the model id and its
+provenance. ``infra/predeploy_check.py`` reads these before ``sam deploy`` (an arm64 stack with x86_64
+wheels fails at init; a demo model should never be deployed unnoticed).
+
+Output: progress and warnings go to stdout as well as stderr, because ``sam build`` shows a Makefile's
+stdout as it runs but its stderr only when the build fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -37,11 +49,15 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CORE_SRC = REPO / "layers" / "core" / "clip_serverless"
 CACHE_ROOT = REPO / "build" / "layer-cache"
 DEFAULT_MODEL_SRC = REPO / "models" / "clip-tiny"
+# The local server's banner names the export command; the build warning quotes the same text.
+LOCAL_SERVER = CORE_SRC / "api" / "local.py"
+RECORD_DIR = "clip-build"  # <layer>/clip-build/<kind>.json: what the layer was built from
 LAMBDA_PYTHON = (3, 12)
 # Where Lambda extracts layers: tracebacks in precompiled modules name these paths.
 OPT_PYTHON = "/opt/python"
@@ -71,7 +87,26 @@ JUNK_PATHS = (
     "bin",  # console scripts (f2py, numpy-config, ...): nothing runs them on Lambda
 )
 
+# GNU binutils target triplets, for a cross-architecture strip (`aarch64-linux-gnu-strip`).
+TRIPLETS = {"x86_64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
 MiB = 1024 * 1024
+
+
+def say(message: str) -> None:
+    """Print to stdout and stderr once each (once when both are the same terminal or file).
+
+    ``sam build`` streams a Makefile's stdout but keeps its stderr for the error message of a failed build,
+    so a warning printed only to stderr never shows in a successful build's log.
+    """
+    print(message, flush=True)
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+        same = (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+    except (OSError, ValueError, AttributeError):  # pytest's capture objects have no file descriptor
+        same = False
+    if not same:
+        print(message, file=sys.stderr, flush=True)
 
 
 def tree_bytes(root: Path) -> int:
@@ -112,16 +147,43 @@ def check_python(python: str) -> None:
                          f"(pyenv: PYENV_VERSION=3.11.7:{want}.1, or --python python{want})")
 
 
-def pip_install(requirements: Sequence[str], target: Path, arch: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+def has_pip(python: str) -> bool:
+    try:
+        subprocess.run([python, "-m", "pip", "--version"], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def find_pip_python(candidates: Sequence[str] | None = None) -> str:
+    """A Python that has pip: this interpreter, else ``python3`` on PATH.
+
+    Any Python's pip can install wheels for Lambda (``--target --platform --python-version
+    --only-binary=:all:``), so the one running this script need not be Lambda's 3.12 (pyenv's and Debian's
+    python3.12 may come without pip).
+    """
+    for python in candidates if candidates is not None else (sys.executable, "python3"):
+        if python and has_pip(python):
+            return python
+    raise SystemExit("build_layer: no Python with pip found (tried this interpreter, then python3): "
+                     "install pip for one of them (python3 -m ensurepip --user)")
+
+
+def pip_install(requirements: Sequence[str], target: Path, arch: str, python: str | None = None) -> None:
+    python = python or find_pip_python()
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    say(f"build_layer: pip of {python} (Python {version}) installs {len(requirements)} pinned packages "
+        f"for Lambda's Python {'.'.join(map(str, LAMBDA_PYTHON))} on {arch}")
+    cmd = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
            "--no-compile", "--only-binary=:all:", "--implementation", "cp",
            "--python-version", ".".join(map(str, LAMBDA_PYTHON)), "--target", str(target)]
-    for platform in PLATFORMS[arch]:
-        cmd += ["--platform", platform]
+    for tag in PLATFORMS[arch]:
+        cmd += ["--platform", tag]
     subprocess.run([*cmd, *requirements], check=True)
 
 
-def slim(site: Path) -> None:
+def slim(site: Path, arch: str = "x86_64") -> None:
     """Delete what Lambda never imports and strip shared objects (see the module docstring)."""
     for pattern in JUNK_PATHS:
         for path in site.glob(pattern):
@@ -131,13 +193,49 @@ def slim(site: Path) -> None:
             shutil.rmtree(path)
         elif path.is_file() and path.suffix in JUNK_SUFFIXES and ".dist-info" not in str(path.parent):
             path.unlink()
-    strip = shutil.which("strip")
-    if strip is None:
-        print("build_layer: `strip` not found; shared objects keep their symbols (~10 MiB larger)", file=sys.stderr)
-        return
     objects = [str(p) for p in site.rglob("*.so*") if p.is_file() and not p.is_symlink()]
     if objects:
-        subprocess.run([strip, "--strip-unneeded", *objects], check=True)
+        strip_objects(objects, arch)
+
+
+def is_gnu_strip(strip: str) -> bool:
+    """``--strip-unneeded`` is GNU binutils' option; macOS's (LLVM/cctools) strip has other flags."""
+    try:
+        done = subprocess.run([strip, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and "GNU" in done.stdout
+
+
+def strip_tool(arch: str) -> str | None:
+    """A GNU strip for ``arch``: the cross tool if installed, else ``strip`` (which may still not read it).
+
+    Binutils built for one machine reads only its own ELF files (x86_64's ``strip`` says "Unable to
+    recognise the format" of an aarch64 object): for a foreign architecture a cross strip
+    (``aarch64-linux-gnu-strip``, Debian's binutils-aarch64-linux-gnu) or a multiarch build is needed.
+    """
+    for name in (f"{TRIPLETS[arch]}-strip", "strip"):
+        path = shutil.which(name)
+        if path and is_gnu_strip(path):
+            return path
+    return None
+
+
+def strip_objects(objects: Sequence[str], arch: str) -> bool:
+    """Strip ``objects`` in place; print why and return False where that is not possible here."""
+    strip = strip_tool(arch)
+    if strip is None:
+        say(f"build_layer: no GNU strip for {arch} here (`strip --version` must say GNU); "
+            f"{len(objects)} shared objects keep their symbols (a larger layer)")
+        return False
+    probe = subprocess.run([strip, "--strip-unneeded", objects[0]], capture_output=True, text=True)
+    if probe.returncode != 0:  # e.g. the host's strip and a foreign architecture
+        say(f"build_layer: {strip} cannot strip {arch} objects ({probe.stderr.strip()}); "
+            f"{len(objects)} shared objects keep their symbols (a larger layer)")
+        return False
+    if len(objects) > 1:
+        subprocess.run([strip, "--strip-unneeded", *objects[1:]], check=True)
+    return True
 
 
 def precompile(site: Path, python: str, prefix: str = OPT_PYTHON) -> None:
@@ -152,23 +250,53 @@ def deps_cache_key(requirements: Sequence[str], arch: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_deps(requirements_file: Path, out: Path, arch: str, python: str, cache_root: Path = CACHE_ROOT) -> Path:
-    """Install, slim and precompile the pinned requirements into ``out/python`` (via the cache)."""
+def usable_cache(requested: str | None = None) -> Path | None:
+    """The deps cache directory, or None: ``$CLIP_LAYER_CACHE`` (``off``: none), else ``build/layer-cache``.
+
+    None also where it cannot be written: SAM's build container mounts the project read-only.
+    """
+    raw = os.environ.get("CLIP_LAYER_CACHE", "") if requested is None else requested
+    if raw.lower() in ("off", "0", "no", "false"):
+        return None
+    root = Path(raw) if raw else CACHE_ROOT
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        say(f"build_layer: cache {root} is not writable ({exc.strerror or exc}); building without it")
+        return None
+    return root
+
+
+def install_site(requirements: Sequence[str], site: Path, arch: str, python: str) -> None:
+    pip_install(requirements, site, arch)
+    slim(site, arch)
+    precompile(site, python)
+
+
+def build_deps(requirements_file: Path, out: Path, arch: str, python: str,
+               cache_root: Path | None = CACHE_ROOT) -> Path:
+    """Install, slim and precompile the pinned requirements into ``out/python`` (via the cache, if any)."""
     requirements = read_requirements(requirements_file)
-    cached = cache_root / f"{requirements_file.stem}-{arch}-{deps_cache_key(requirements, arch)}"
-    if not cached.is_dir():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cache_root))
-        try:
-            site = staging / "python"
-            pip_install(requirements, site, arch)
-            slim(site)
-            precompile(site, python)
-            staging.rename(cached)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    copy_tree(cached / "python", out / "python")
+    if cache_root is None:
+        if (out / "python").exists():
+            shutil.rmtree(out / "python")
+        install_site(requirements, out / "python", arch, python)
+    else:
+        cached = cache_root / f"{requirements_file.stem}-{arch}-{deps_cache_key(requirements, arch)}"
+        if not cached.is_dir():
+            cache_root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cache_root))
+            try:
+                install_site(requirements, staging / "python", arch, python)
+                staging.rename(cached)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        copy_tree(cached / "python", out / "python")
+    write_record(out, "deps", {
+        "architecture": arch, "platforms": PLATFORMS[arch], "python": ".".join(map(str, LAMBDA_PYTHON)),
+        "requirements": requirements_file.name, "packages": list(requirements)})
     return out / "python"
 
 
@@ -176,7 +304,49 @@ def build_core(out: Path, python: str, src: Path = CORE_SRC) -> Path:
     dest = out / "python" / src.name
     copy_tree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     precompile(out / "python", python)
+    write_record(out, "core", {"python": ".".join(map(str, LAMBDA_PYTHON))})
     return dest
+
+
+def write_record(out: Path, kind: str, fields: dict[str, Any]) -> Path:
+    """``<layer>/clip-build/<kind>.json``: what this layer was built from (read by predeploy_check.py)."""
+    path = out / RECORD_DIR / f"{kind}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": kind, **fields}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def export_hint(source: Path = LOCAL_SERVER) -> str:
+    """``EXPORT_HINT`` of the local server, read without importing it (it needs the API's packages)."""
+    fallback = ".venv/bin/python -m clip_export pretrained --arch ViT-B-32 --out build/models/ViT-B-32 --int8"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return fallback
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "EXPORT_HINT"
+                                                for t in node.targets):
+            try:
+                return str(ast.literal_eval(node.value))
+            except ValueError:
+                break
+    return fallback
+
+
+def demo_warning(model_id: str, provenance: dict[str, Any]) -> str:
+    """The banner for a model that is not OpenAI's weights (``provenance.source`` other than pretrained)."""
+    rule = "!" * 100
+    return "\n".join([
+        rule,
+        f"!! WARNING: this layer ships the DEMO MODEL {model_id} (provenance: {provenance.get('source')}), "
+        "not OpenAI's CLIP.",
+        f"!! {provenance.get('note', 'It exists for tests and demos only.')}",
+        "!! Deployed, every embedding it returns is meaningless for real images and text.",
+        "!! Export the real weights where you have internet, then build with them:",
+        f"!!   {export_hint()}",
+        "!!   CLIP_MODEL_SRC=build/models/ViT-B-32-int8 make sam-build",
+        rule,
+    ])
 
 
 TOWER_FILES = {"visual": ("visual.onnx",), "textual": ("textual.onnx", "tokenizer.json")}
@@ -192,10 +362,22 @@ def build_model(src: Path, towers: Iterable[str], out: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    towers = list(towers)
     names = [MANIFEST_NAME] + [name for tower in towers for name in TOWER_FILES[tower]]
     for name in names:
         source = model.path / name if name == MANIFEST_NAME else model.file(name)
         link_or_copy(source, dest / name)
+    manifest = model.manifest
+    demo = manifest.provenance.get("source") != "pretrained"
+    try:  # the record ships in the layer: no build machine's absolute path
+        shown = src.resolve().relative_to(REPO)
+    except ValueError:
+        shown = Path(src.name)
+    write_record(out, "model", {
+        "model_id": manifest.model_id, "precision": manifest.precision, "provenance": manifest.provenance,
+        "demo": demo, "towers": towers, "source": str(shown)})
+    if demo:
+        say(demo_warning(manifest.model_id, manifest.provenance))
     return dest
 
 
@@ -233,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.kind == "deps":
         check_python(args.python)
-        root = build_deps(args.requirements, args.out, args.arch, args.python)
+        root = build_deps(args.requirements, args.out, args.arch, args.python, usable_cache())
     elif args.kind == "core":
         check_python(args.python)
         root = build_core(args.out, args.python)
