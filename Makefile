@@ -87,11 +87,41 @@ sam-setup: $(SAM_VENV)/.installed ## install the AWS SAM CLI into .venv-sam
 sam-validate: sam-setup ## sam validate and --lint, both templates
 	for t in template.yaml template.image.yaml; do $(SAM) validate -t $$t && $(SAM) validate --lint -t $$t || exit 1; done
 
-sam-build: sam-setup ## sam build (zip flavour; model from CLIP_MODEL_SRC)
-	CLIP_MODEL_SRC=$(CLIP_MODEL_SRC) $(SAM) build
+# Build and deploy, both flavours (samconfig.toml: default env = zip, env `image` = container image).
+#   ARCH=arm64     build for and deploy to Graviton (default: the template's x86_64)
+#   CONTAINER=1    build the zip flavour in SAM's build containers (--use-container; needs Docker;
+#                  CLIP_MODEL_SRC must then be a directory inside the project)
+#   GUIDED=1       sam deploy --guided (asks, and saves the answers in samconfig.toml)
+#   SAM_ENV=image  sam-delete deletes the image flavour's stack
+# Every deploy first runs infra/predeploy_check.py: it fails when ARCH (or samconfig's parameter_overrides)
+# differs from the architecture that was built, warns loudly about a demo model, and passes Architecture
+# to sam deploy explicitly (an existing stack would otherwise keep its previous value).
+.PHONY: sam-build-image sam-deploy-image sam-delete
+PREDEPLOY := $(SAM_VENV)/bin/python infra/predeploy_check.py
+SAM_ENV ?= default
 
-sam-deploy: sam-build ## sam deploy --guided
-	$(SAM) deploy --guided
+sam-build: sam-setup ## sam build, zip flavour (CLIP_MODEL_SRC=model dir, ARCH=arm64, CONTAINER=1)
+	CLIP_MODEL_SRC=$(CLIP_MODEL_SRC) $(if $(ARCH),CLIP_LAMBDA_ARCH=$(ARCH)) $(SAM) build \
+		$(if $(ARCH),--parameter-overrides Architecture=$(ARCH)) $(if $(CONTAINER),--use-container \
+		--container-env-var CLIP_MODEL_SRC=$(CLIP_MODEL_SRC) $(if $(ARCH),--container-env-var CLIP_LAMBDA_ARCH=$(ARCH)))
+
+sam-deploy: sam-build ## check the build against the deploy, then sam deploy (ARCH=, GUIDED=1)
+	$(PREDEPLOY) check --config-env default $(if $(ARCH),--arch $(ARCH)) -- $(SAM) deploy $(if $(GUIDED),--guided)
+
+sam-build-image: sam-setup ## sam build, container-image flavour into .aws-sam/build-image (Docker; ARCH=)
+	$(SAM) build --config-env image $(if $(ARCH),--parameter-overrides Architecture=$(ARCH))
+
+# --config-file: `sam deploy --guided` saves its answers beside the template it deploys, which for the
+# image env is .aws-sam/build-image/template.yaml, not this directory.
+sam-deploy-image: sam-build-image ## check, then sam deploy --config-env image (ARCH=, GUIDED=1)
+	$(PREDEPLOY) check --config-env image $(if $(ARCH),--arch $(ARCH)) -- \
+		$(SAM) deploy --config-env image --config-file "$(CURDIR)/samconfig.toml" $(if $(GUIDED),--guided)
+
+# CloudFormation keeps a bucket that holds objects: the embedding cache (the stack's output CacheBucketName)
+# is emptied first (it is only a cache), then `sam delete` asks before it deletes the stack.
+sam-delete: sam-setup ## empty the cache bucket, then sam delete the stack (SAM_ENV=default|image)
+	$(PREDEPLOY) empty-cache-bucket --config-env $(SAM_ENV)
+	$(SAM) delete --config-env $(SAM_ENV) --config-file "$(CURDIR)/samconfig.toml"
 
 sam-invoke: $(VENV)/.dev ## run a built function without Docker (FUNCTION=, EVENT=)
 	PYTHONPATH=infra $(PY) -m lambda_runtime invoke $(FUNCTION) -e $(EVENT) --s3 moto
