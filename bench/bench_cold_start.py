@@ -6,7 +6,12 @@ response is posted back. Baseline: a naive PyTorch + transformers handler doing 
 ``CLIPModel.from_pretrained`` on the same seeded ViT-B/32 weights, tokenizer, one embedding) in a
 fresh process of the dev venv.
 
-    .venv/bin/python bench/bench_cold_start.py [--runs 5] [--cpus 2]
+    .venv/bin/python bench/bench_cold_start.py [--runs 5] [--cpus 2] [--warm 20]
+
+compare embeds its texts through embed_text (Lambda Invoke): its cold start is measured with one warm
+embed_text environment behind a local Invoke API (the usual case on AWS: embed_text serves every
+text request), and its first answer includes that round trip. ``--warm N`` also times N warm
+invocations of each zip function after its cold start (median), compare's Invoke included.
 
 Needs build/models/ViT-B-32-synthetic{,-int8} (`make models-b32`) and the SAM CLI in .venv-sam.
 Page cache is warm after the first run (the medians exclude a first, discarded run): on Lambda, the
@@ -30,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
 
-from lambda_runtime import BuiltApp, built_function, cold_start, find_python  # noqa: E402
+from lambda_runtime import BuiltApp, LambdaService, LocalLambda, built_function, cold_start, find_python  # noqa: E402
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
 FP32 = REPO / "build" / "models" / "ViT-B-32-synthetic"
@@ -59,15 +64,31 @@ def event(endpoint: str) -> dict[str, Any]:
     return dict(json.loads((REPO / "events" / f"{endpoint}.http-api.json").read_text()))
 
 
-def median_cold(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None) -> list[float]:
+def median_cold(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None,
+                env: dict[str, str] | None = None) -> list[float]:
     times = []
     for _ in range(runs + 1):  # the first run warms the page cache and is dropped
         with tempfile.TemporaryDirectory(prefix="cold-") as workdir:
             seconds, response = cold_start(spec, event(endpoint), Path(workdir), python=python, cpus=cpus,
-                                           env=NO_CACHE)
+                                           env={**NO_CACHE, **(env or {})})
         assert response["statusCode"] == 200, response
         times.append(seconds)
     return times[1:]
+
+
+def warm_times(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None,
+               env: dict[str, str] | None = None) -> list[float]:
+    """Seconds per warm invocation (handler and runtime round trip), cache off."""
+    with tempfile.TemporaryDirectory(prefix="warm-") as workdir, \
+            LocalLambda(spec, Path(workdir), python=python, cpus=cpus, env={**NO_CACHE, **(env or {})}) as fn:
+        assert fn.invoke_json(event(endpoint))["statusCode"] == 200
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            response = fn.invoke_json(event(endpoint))
+            times.append(time.perf_counter() - start)
+            assert response["statusCode"] == 200, response
+    return times
 
 
 NAIVE = textwrap.dedent("""
@@ -124,6 +145,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cpus", type=int, default=None, help="pin each function to N cores")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--warm", type=int, default=0, help="also time N warm invocations per zip function")
     args = parser.parse_args()
     for model in (FP32, INT8):
         if not (model / "manifest.json").exists():
@@ -135,10 +157,19 @@ def main() -> None:
     if not (image_root / "opt" / "model" / "manifest.json").exists():
         assemble(dockerfile, image_root, built.layers["DepsAllLayer"].path / "python")
     threads = args.cpus or len(os.sched_getaffinity(0))
-    rows = []
+    # compare's text vectors: one embed_text environment, started (and warmed) before compare's runs.
+    service = LambdaService()
+    text_pool = service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
+                                 python=python, cpus=args.cpus, env=NO_CACHE, max_concurrency=1)
+    text_pool.prestart(1)
+    text_pool.all[0].invoke_json(event("embed_text"))
+    invoke_env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
+    rows, warm = [], {}
     for endpoint, name in ENDPOINTS.items():
-        int8 = median_cold(built_function(built, name, resources={"CacheBucket": ""}), endpoint, args.runs, python,
-                           args.cpus)
+        spec = built_function(built, name, resources={"CacheBucket": ""})
+        int8 = median_cold(spec, endpoint, args.runs, python, args.cpus, invoke_env)
+        if args.warm:
+            warm[endpoint] = warm_times(spec, endpoint, args.warm, python, args.cpus, invoke_env)
         fp32 = median_cold(image_function(dockerfile, image_root, name, command=f"functions/{endpoint}/app.handler"),
                            endpoint, args.runs, python, args.cpus)
         naive = [] if args.skip_naive else naive_cold(endpoint, args.runs, threads)
@@ -155,6 +186,13 @@ def main() -> None:
             return f"{statistics.median(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
 
         print(f"| {endpoint} | {cell(int8)} | {cell(fp32)} | {cell(naive)} | {size:.0f} |")
+    if warm:
+        print(f"\nWarm invocations, zip int8 (median of {args.warm}; p10-p90), cache off:\n")
+        print("| function | warm |\n|---|---|")
+        for endpoint, xs in warm.items():
+            qs = statistics.quantiles(xs, n=10)
+            print(f"| {endpoint} | {1000 * statistics.median(xs):.1f} ms ({1000 * qs[0]:.1f}-{1000 * qs[-1]:.1f}) |")
+    service.close()
 
 
 if __name__ == "__main__":

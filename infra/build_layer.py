@@ -349,7 +349,9 @@ def demo_warning(model_id: str, provenance: dict[str, Any]) -> str:
     ])
 
 
-TOWER_FILES = {"visual": ("visual.onnx",), "textual": ("textual.onnx", "tokenizer.json")}
+# "tokenizer" alone: compare tokenizes (its cache keys are token ids) but embeds text in embed_text.
+TOWER_FILES = {"visual": ("visual.onnx",), "textual": ("textual.onnx", "tokenizer.json"),
+               "tokenizer": ("tokenizer.json",)}
 
 
 def build_model(src: Path, towers: Iterable[str], out: Path) -> Path:
@@ -363,7 +365,7 @@ def build_model(src: Path, towers: Iterable[str], out: Path) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     towers = list(towers)
-    names = [MANIFEST_NAME] + [name for tower in towers for name in TOWER_FILES[tower]]
+    names = list(dict.fromkeys([MANIFEST_NAME] + [name for tower in towers for name in TOWER_FILES[tower]]))
     for name in names:
         source = model.path / name if name == MANIFEST_NAME else model.file(name)
         link_or_copy(source, dest / name)

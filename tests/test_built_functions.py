@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "infra"))
 from lambda_runtime import (  # noqa: E402
     LAMBDA_UNZIPPED_LIMIT,
     BuiltApp,
+    LambdaService,
     LocalLambda,
     LocalLambdaError,
     built_function,
@@ -148,7 +149,17 @@ def s3_keys(endpoint: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def functions(built: BuiltApp, moto_endpoint: str, lambda_python: str,
+def lambda_service(built: BuiltApp, moto_endpoint: str, lambda_python: str) -> Iterator[LambdaService]:
+    """Lambda's Invoke API serving the built EmbedTextFunction: where compare gets its text vectors."""
+    with LambdaService() as service:
+        spec = built_function(built, "EmbedTextFunction", resources={"CacheBucket": BUCKET},
+                              parameters={"CachePrefix": PREFIX})
+        service.register(spec, python=lambda_python, env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
+        yield service
+
+
+@pytest.fixture(scope="module")
+def functions(built: BuiltApp, moto_endpoint: str, lambda_python: str, lambda_service: LambdaService,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalLambda]]:
     """One execution environment per function, started once for this module (cold start each)."""
     running = {}
@@ -156,7 +167,8 @@ def functions(built: BuiltApp, moto_endpoint: str, lambda_python: str,
         for endpoint, name in ENDPOINTS.items():
             spec = built_function(built, name, resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
             fn = LocalLambda(spec, tmp_path_factory.mktemp(endpoint), python=lambda_python,
-                             env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
+                             env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint,
+                                  "AWS_ENDPOINT_URL_LAMBDA": lambda_service.endpoint_url})
             fn.start()
             running[endpoint] = fn
         yield running
@@ -224,10 +236,114 @@ def test_health_route_names_the_model_and_the_loaded_tower(functions: dict[str, 
     assert health["loaded"] == ["textual"] and health["endpoints"] == ["/clip/embed_text"]
 
 
-def test_compare_took_its_text_tower_from_the_text_layer(functions: dict[str, LocalLambda]) -> None:
-    functions["compare"].invoke_json(event("compare.http-api"))
-    output = functions["compare"].output()
-    assert "clip-fetch-model:" in output and "fetched textual.onnx, tokenizer.json" in output, output
+def test_compare_loads_one_tower_and_gets_text_vectors_from_embed_text(functions: dict[str, LocalLambda],
+                                                                      lambda_service: LambdaService) -> None:
+    pool = lambda_service.pools["EmbedTextFunction"]
+    before = pool.invocations
+    evt = event("compare.http-api")
+    body = request_body(evt)
+    # New prompts (and no cache) so that the text vectors cannot come from compare's cache tiers.
+    fresh = {**body, "prompt": [f"{p} number {before}" for p in body["prompt"]]}
+    no_cache = {**evt, "body": json.dumps(fresh), "isBase64Encoded": False,
+                "headers": {**evt["headers"], "cache-control": "no-cache"}}
+    response = functions["compare"].invoke_json(no_cache)
+    assert response["statusCode"] == 200, response
+    assert len(body_of(response)["similarity"]) == len(body["prompt"])
+    assert pool.invocations == before + 1  # one Invoke for all the prompts
+    # compare's own process holds the image tower only (its app answers /healthz too, unrouted on AWS).
+    health = body_of(functions["compare"].invoke_json(event("healthz.http-api")))
+    assert health["loaded"] == ["visual"] and health["endpoints"] == ["/clip/compare"]
+
+
+# ---- compare and the text function: failures and bursts ------------------------------------------
+def _headers(response: dict[str, Any]) -> dict[str, str]:
+    return {k.lower(): v for k, v in (response.get("headers") or {}).items()}
+
+
+@pytest.fixture(scope="module")
+def faulty(built: BuiltApp, lambda_python: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LambdaService, LocalLambda]]:
+    """A compare environment whose embed_text can be made to throttle, fail or answer late."""
+    with LambdaService() as service:
+        service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
+                         python=lambda_python)
+        spec = built_function(built, "CompareFunction", resources={"CacheBucket": ""})
+        env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url, "CLIP_TEXT_FUNCTION_TIMEOUT": "2", "CLIP_CACHE": "off"}
+        with LocalLambda(spec, tmp_path_factory.mktemp("compare-faulty"), python=lambda_python, env=env) as fn:
+            yield service, fn
+
+
+@pytest.mark.parametrize(("fault", "status"), [("throttle", 503), ("error", 502), ("slow", 504), (None, 200)])
+def test_compare_maps_text_function_failures_to_clear_answers(faulty: tuple[LambdaService, LocalLambda],
+                                                              fault: str | None, status: int) -> None:
+    service, compare = faulty
+    faults = service.faults("EmbedTextFunction")
+    faults.throttle, faults.error, faults.delay_s = fault == "throttle", fault == "error", 4.0 * (fault == "slow")
+    try:
+        started = time.perf_counter()
+        response = compare.invoke_json(event("compare.http-api"))
+        elapsed = time.perf_counter() - started
+    finally:
+        faults.throttle, faults.error, faults.delay_s = False, False, 0.0
+    assert response["statusCode"] == status, response
+    body = body_of(response)
+    if fault is None:
+        assert len(body["similarity"]) == len(request_body(event("compare.http-api"))["prompt"])
+        return
+    assert "embedding function" in body["message"]
+    assert "injected" not in body["message"]  # the text function's detail stays in the log
+    if fault == "throttle":
+        assert _headers(response)["retry-after"] == "1"
+    if fault == "slow":  # answered when compare's own deadline passed, not when embed_text did
+        assert "2 s" in body["message"] and elapsed < 4.0
+
+
+def test_compare_refuses_vectors_of_another_model_during_a_deploy(built: BuiltApp, lambda_python: str,
+                                                                  tmp_path: Path) -> None:
+    """Mid-deploy, compare and embed_text may run different model versions: never mix their vectors."""
+    other = REPO / "build" / "sam-test" / "other-model"  # not under /tmp: the runner maps /tmp paths
+    if other.exists():
+        shutil.rmtree(other)
+    shutil.copytree(built.layers["ModelTextLayer"].path / "model", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model_id"] += "-v2"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with LambdaService() as service:
+        service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
+                         python=lambda_python, env={"CLIP_MODEL_DIR": str(other)})
+        spec = built_function(built, "CompareFunction", resources={"CacheBucket": ""})
+        env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url, "CLIP_CACHE": "off"}
+        with LocalLambda(spec, tmp_path, python=lambda_python, env=env) as compare:
+            response = compare.invoke_json(event("compare.http-api"))
+    assert response["statusCode"] == 503, response
+    assert "deployment is in progress" in body_of(response)["message"]
+    assert _headers(response)["retry-after"] == "1"
+
+
+def test_a_burst_of_cold_compare_and_embed_text_starts_all_answer(built: BuiltApp, lambda_python: str,
+                                                                  tmp_path: Path) -> None:
+    """Many cold inits at once: no init waits on a control-plane call, none fails, all answers agree."""
+    burst = 6
+    evt = event("compare.http-api")
+    with LambdaService() as service:
+        pool = service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
+                                python=lambda_python, max_concurrency=burst, env={"CLIP_CACHE": "off"})
+        spec = built_function(built, "CompareFunction", resources={"CacheBucket": ""})
+        env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url, "CLIP_CACHE": "off"}
+        compares = [LocalLambda(spec, tmp_path / f"compare-{i}", python=lambda_python, env=env) for i in range(burst)]
+        try:
+            futures = [fn.api.submit(json.dumps(evt).encode()) for fn in compares]  # queued before init
+            pool.prestart(burst)
+            for fn in compares:
+                fn.start()
+            results = [future.result(timeout=120) for future in futures]
+        finally:
+            for fn in compares:
+                fn.stop()
+        assert pool.throttled == 0
+    answers = [body_of(r.json()) for r in results]
+    assert all(r.kind == "response" and r.json()["statusCode"] == 200 for r in results), answers
+    assert all(a["similarity"] == pytest.approx(answers[0]["similarity"], abs=1e-6) for a in answers)
 
 
 def test_embeddings_are_cached_in_s3_under_the_prefix(functions: dict[str, LocalLambda], moto_endpoint: str) -> None:

@@ -24,6 +24,7 @@ ROUTES = {
     ("/clip/compare", "post"): "CompareFunction",
     ("/healthz", "get"): "EmbedTextFunction",
     ("/info", "get"): "EmbedTextFunction",
+    ("/", "get"): "EmbedTextFunction",
 }
 
 
@@ -115,8 +116,8 @@ def test_zip_functions_carry_only_the_layers_they_need() -> None:
     template = cfn("zip")
     assert layer_names(template, "EmbedTextFunction") == ["CoreLayer", "DepsTextLayer", "ModelTextLayer"]
     assert layer_names(template, "EmbedImageFunction") == ["CoreLayer", "DepsImageLayer", "ModelVisualLayer"]
-    # compare: both towers do not fit beside its packages; the text tower comes from ModelTextLayer at init.
-    assert layer_names(template, "CompareFunction") == ["CoreLayer", "DepsAllLayer", "ModelVisualLayer", "FetchLayer"]
+    # compare: one tower, like the others; its text vectors come from EmbedTextFunction (Invoke).
+    assert layer_names(template, "CompareFunction") == ["CoreLayer", "DepsAllLayer", "ModelVisualLayer"]
     for layer in resources(template, "AWS::Lambda::LayerVersion").values():
         runtimes = layer["Properties"].get("CompatibleRuntimes")
         assert runtimes in (None, ["python3.12"])
@@ -132,13 +133,13 @@ def test_environment_points_each_function_at_its_model_and_the_cache(flavour: st
         assert env["CLIP_API_KEY_SSM_PARAMETER"]["Fn::If"][0] == "ApiKeyFromSsm"
         assert env["CLIP_API_KEY_SECRET_ID"]["Fn::If"][0] == "ApiKeyFromSecretsManager"
         assert "CLIP_API_KEY" not in env  # the key itself never sits in the function configuration
-        fetches = flavour == "zip" and name == "CompareFunction"
-        assert env["CLIP_MODEL_DIR"] == ("/tmp/clip-model" if fetches else "/opt/model")
-        assert ("AWS_LAMBDA_EXEC_WRAPPER" in env) == fetches
-    if flavour == "zip":
-        env = template["Resources"]["CompareFunction"]["Properties"]["Environment"]["Variables"]
-        assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bin/clip-fetch-model"
-        assert re.fullmatch(r"ModelTextLayer[0-9a-f]{10}", env["CLIP_FETCH_LAYERS"]["Ref"])
+        assert env["CLIP_MODEL_DIR"] == "/opt/model"
+        assert "AWS_LAMBDA_EXEC_WRAPPER" not in env  # nothing runs before the runtime (no model fetch)
+        # Only compare asks another function (embed_text's live alias) for text vectors.
+        assert ("CLIP_TEXT_FUNCTION" in env) == (name == "CompareFunction")
+    env = template["Resources"]["CompareFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["CLIP_TEXT_FUNCTION"] == {"Ref": "EmbedTextFunctionAliaslive"}
+    assert env["CLIP_TEXT_FUNCTION_TIMEOUT"] == {"Ref": "TextFunctionTimeout"}
 
 
 def _statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
@@ -170,14 +171,20 @@ def test_functions_may_touch_only_the_cache_prefix_and_their_key(flavour: str) -
         assert sorted(c[0] for c in conditional) == ["ApiKeyFromSecretsManager", "ApiKeyFromSsm"]
         for condition, statement, otherwise in conditional:
             assert otherwise == {"Ref": "AWS::NoValue"}
-            assert _list(statement["Action"]) == (["ssm:GetParameter"] if condition == "ApiKeyFromSsm"
-                                                  else ["secretsmanager:GetSecretValue"])
-            assert "${ApiKeyName}" in statement["Resource"]["Fn::Sub"] and "*" not in statement["Resource"]["Fn::Sub"]
+            if condition == "ApiKeyFromSsm":
+                assert _list(statement["Action"]) == ["ssm:GetParameter"]
+                resource = statement["Resource"]["Fn::Sub"]
+            else:  # the named secret, or the one the stack generated
+                assert _list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
+                generate, generated, named = statement["Resource"]["Fn::If"]
+                assert generate == "GenerateApiKey" and generated == {"Ref": "ApiKeySecret"}
+                resource = named["Fn::Sub"]
+            assert "${ApiKeyName}" in resource and "*" not in resource
         others = [s for s in plain if s not in s3 and not _is_sam_basic_execution(s)]
-        if flavour == "zip" and name == "CompareFunction":
-            (layer,) = others
-            assert _list(layer["Action"]) == ["lambda:GetLayerVersion"]
-            assert re.fullmatch(r"ModelTextLayer[0-9a-f]{10}", layer["Resource"]["Ref"])
+        if name == "CompareFunction":  # and invoke embed_text's live alias, nothing else
+            (invoke,) = others
+            assert _list(invoke["Action"]) == ["lambda:InvokeFunction"]
+            assert invoke["Resource"] == {"Ref": "EmbedTextFunctionAliaslive"}
         else:
             assert others == []
         for statement in statements:
@@ -223,8 +230,15 @@ def test_logs_are_kept_for_the_chosen_days_and_the_url_is_an_output(flavour: str
 def test_api_key_parameters_select_the_store(flavour: str) -> None:
     template = cfn(flavour)
     assert set(template["Parameters"]["ApiKeySource"]["AllowedValues"]) == {"none", "ssm", "secretsmanager"}
-    assert template["Parameters"]["ApiKeySource"]["Default"] == "none"
+    # Secrets Manager by default (10,000 reads/s, against SSM's 40/s standard throughput for a burst of
+    # cold starts), with a key the stack generates when no secret is named.
+    assert template["Parameters"]["ApiKeySource"]["Default"] == "secretsmanager"
+    assert template["Parameters"]["ApiKeyName"]["Default"] == ""
     assert template["Conditions"]["ApiKeyFromSsm"] == {"Fn::Equals": [{"Ref": "ApiKeySource"}, "ssm"]}
+    secret = template["Resources"]["ApiKeySecret"]
+    assert secret["Type"] == "AWS::SecretsManager::Secret" and secret["Condition"] == "GenerateApiKey"
+    assert secret["Properties"]["GenerateSecretString"]["PasswordLength"] >= 32
+    assert template["Outputs"]["ApiKeyCommand"]["Condition"] == "GenerateApiKey"
 
 
 def test_both_flavours_deploy_the_same_bucket_policy_and_api() -> None:
@@ -252,3 +266,28 @@ def test_a_broken_template_is_rejected_by_the_translator(tmp_path: Path) -> None
                 resource["Properties"][key] = f"s3://artifacts/{name}.zip"
     with pytest.raises(InvalidDocumentException):
         transform(template, {}, _NoManagedPolicies())
+
+
+def test_an_open_api_has_bounded_traffic_and_no_cors_by_default(flavour: str) -> None:
+    template = cfn(flavour)
+    (stage,) = resources(template, "AWS::ApiGatewayV2::Stage").values()
+    assert stage["Properties"]["DefaultRouteSettings"] == {
+        "ThrottlingRateLimit": {"Ref": "ThrottlingRateLimit"}, "ThrottlingBurstLimit": {"Ref": "ThrottlingBurstLimit"}}
+    params = template["Parameters"]
+    assert 0 < params["ThrottlingRateLimit"]["Default"] <= params["ThrottlingBurstLimit"]["Default"] <= 1000
+    assert params["CorsOrigins"]["Default"] == ""
+    (api,) = resources(template, "AWS::ApiGatewayV2::Api").values()
+    cors = api["Properties"]["Body"]["x-amazon-apigateway-cors"]["Fn::If"]
+    assert cors[0] == "AllowCors" and cors[2] == {"Ref": "AWS::NoValue"}
+    assert template["Conditions"]["AllowCors"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "CorsOrigins"}, ""]}]}
+    for name in FUNCTIONS:
+        reserved = template["Resources"][name]["Properties"]["ReservedConcurrentExecutions"]
+        assert reserved == {"Fn::If": ["ReserveConcurrency", {"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"}]}
+
+
+def test_cors_origins_parameter_accepts_origins_only() -> None:
+    pattern = cfn("zip")["Parameters"]["CorsOrigins"]["AllowedPattern"]
+    for good in ("", "*", "https://app.example.com", "https://a.example,http://localhost:3000"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("app.example.com", "https://a.example, https://b.example", "https://a.example,"):
+        assert not re.fullmatch(pattern, bad), bad

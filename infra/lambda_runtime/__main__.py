@@ -7,7 +7,9 @@
 
 ``--param Name=Value`` sets template parameters (e.g. ``ApiKeySource=ssm``), ``--env NAME=VALUE`` adds
 environment variables (e.g. ``CLIP_API_KEY=secret``). ``--s3 moto`` starts a local moto S3 server for
-the embedding cache (otherwise the S3 tier is off).
+the embedding cache (otherwise the S3 tier is off). Every other function of the build is served through a
+local Lambda Invoke API (``AWS_ENDPOINT_URL_LAMBDA``), so ``CompareFunction`` gets its text vectors from
+``EmbedTextFunction`` as on AWS.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .invoke_api import LambdaService
 from .runner import LocalLambda, built_function
 from .sam_build import DEFAULT_BUILD_DIR, LAMBDA_UNZIPPED_LIMIT, BuiltApp, MiB, tree_bytes
 
@@ -68,6 +71,12 @@ def invoke(args: argparse.Namespace) -> int:
                      aws_secret_access_key="testing").create_bucket(Bucket="clip-cache-local")
         resources["CacheBucket"] = "clip-cache-local"
         env.setdefault("CLIP_CACHE_S3_ENDPOINT_URL", endpoint)
+    service = LambdaService()
+    env["AWS_ENDPOINT_URL_LAMBDA"] = service.endpoint_url
+    for other in app.functions:
+        if other != args.function:
+            service.register(built_function(app, other, parameters=_pairs(args.param), resources=resources),
+                             env=env, cpus=args.cpus)
     try:
         with tempfile.TemporaryDirectory(prefix="lambda-") as workdir, \
                 LocalLambda(built_function(app, args.function, parameters=_pairs(args.param), resources=resources),
@@ -87,6 +96,7 @@ def invoke(args: argparse.Namespace) -> int:
                 return 1
             print(_summary(result.json(), args.full))
     finally:
+        service.close()
         if server is not None:
             server.stop()
     return 0

@@ -9,6 +9,8 @@ What Lambda does at a cold start, and what :class:`LocalLambda` reproduces:
 - environment variables are the template's, with the reserved ``AWS_LAMBDA_*`` set; values naming
   ``/opt/...`` or ``/tmp/...`` are mapped to this run's directories;
 - ``AWS_LAMBDA_EXEC_WRAPPER``, when set, is run with the runtime command as its arguments;
+- other functions are reached through Lambda's Invoke API at ``AWS_ENDPOINT_URL_LAMBDA`` (here:
+  :class:`~lambda_runtime.invoke_api.LambdaService`, which runs their built code the same way);
 - the runtime client, ``awslambdaric`` (AWS's own, from PyPI, installed for Python 3.12 under
   ``build/lambda-runtime/``), imports the handler module (init) and then polls the Runtime API,
   here :class:`~lambda_runtime.runtime_api.RuntimeApi`.
@@ -26,14 +28,13 @@ import os
 import shutil
 import subprocess
 import time
-import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .runtime_api import InitError, InvocationResult, RuntimeApi
-from .sam_build import REPO, BuiltApp, layer_arn
+from .sam_build import REPO, BuiltApp
 
 # The runtime client and the SDK the managed python3.12 runtime provides (not shipped in the layers).
 RUNTIME_PACKAGES = ("awslambdaric==4.2.2", "boto3==1.44.8")
@@ -105,31 +106,12 @@ def link_tree(src: Path, dest: Path) -> None:
             shutil.copy2(path, target)
 
 
-def layer_zip(layer_dir: Path, cache_dir: Path = RUNTIME_ROOT / "layer-zips") -> Path:
-    """The zip `sam deploy` would upload for a built layer (cached by content listing)."""
-    files = sorted(p for p in layer_dir.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        digest.update(f"{p.relative_to(layer_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    path = cache_dir / f"{layer_dir.name}-{digest.hexdigest()[:12]}.zip"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-            for p in files:
-                archive.write(p, p.relative_to(layer_dir).as_posix())
-        partial.replace(path)
-    return path
-
-
 @dataclass(frozen=True)
 class FunctionSpec:
     """What an execution environment is made of: code, layers (in order), handler, environment.
 
     ``environment`` values may name ``/opt/...`` and ``/tmp/...``: they are mapped to the run's
-    directories. ``layer_contents`` maps layer version ARNs to built layer directories whose zips
-    ``GetLayerVersionByArn`` serves (the compare function fetches its text tower that way).
+    directories.
     """
 
     name: str
@@ -138,21 +120,20 @@ class FunctionSpec:
     layers: tuple[Path, ...]
     environment: Mapping[str, str]
     memory_mb: int = 2048
-    layer_contents: Mapping[str, Path] = field(default_factory=dict)
+
+
+# Local runs serve no API key unless asked (``parameters={"ApiKeySource": "ssm", ...}``): the key the
+# stack generates by default exists only in a deployed account.
+LOCAL_PARAMETERS = {"ApiKeySource": "none"}
 
 
 def built_function(app: BuiltApp, name: str, *, parameters: Mapping[str, str] | None = None,
                    resources: Mapping[str, str] | None = None) -> FunctionSpec:
     """The spec of a function of a ``sam build`` output, its environment resolved as CloudFormation would."""
     fn = app.function(name)
-    resolver = app.resolver(parameters, resources)
-    environment = app.environment(name, resolver)
-    arns = {layer_arn(layer): layer for layer in app.layers}
-    contents = {part: app.layers[arns[part]].path for value in environment.values()
-                for part in value.split(",") if part in arns}
+    resolver = app.resolver({**LOCAL_PARAMETERS, **(parameters or {})}, resources)
     return FunctionSpec(name=name, code=fn.code, handler=fn.handler, layers=tuple(layer.path for layer in fn.layers),
-                        environment=environment, memory_mb=int(resolver.resolve(fn.raw_memory)),
-                        layer_contents=contents)
+                        environment=app.environment(name, resolver), memory_mb=int(resolver.resolve(fn.raw_memory)))
 
 
 class LocalLambda:
@@ -167,8 +148,6 @@ class LocalLambda:
         self.cpus = cpus
         self.extra_env = dict(env or {})
         self.api = RuntimeApi(f"arn:aws:lambda:us-east-1:123456789012:function:{spec.name}", timeout_s=timeout_s)
-        for arn, layer_dir in spec.layer_contents.items():
-            self.api.add_layer(arn, layer_zip(layer_dir))
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.log_path = self.workdir / "output.log"
@@ -218,7 +197,6 @@ class LocalLambda:
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_SESSION_TOKEN": "testing",
-            "AWS_ENDPOINT_URL_LAMBDA": self.api.endpoint_url,
         }
         env.update({k: self._map(v, opt, tmp) for k, v in {**spec.environment, **self.extra_env}.items()})
         return {k: v for k, v in env.items() if v != ""}

@@ -1,14 +1,9 @@
-"""A stand-in for Lambda's Runtime API and for the one Lambda control-plane call the functions make.
+"""A stand-in for Lambda's Runtime API.
 
 Lambda's runtime client (``awslambdaric``, the same code as in the managed python3.12 runtime) polls
 ``GET /2018-06-01/runtime/invocation/next`` for an event and posts the handler's result back. This
 server answers those calls from an in-process queue, so a test can run a built function in its own
 process exactly as Lambda would, without Docker or the Runtime Interface Emulator binary.
-
-It also answers ``GetLayerVersionByArn`` (``GET /2018-10-31/layers?find=LayerVersion&Arn=...``) for
-layers registered with :meth:`RuntimeApi.add_layer`, with a ``Content.Location`` URL on this server
-that serves the layer's zip with HTTP ranges, as S3's pre-signed URLs do. Point boto3 at it with
-``AWS_ENDPOINT_URL_LAMBDA``.
 
 Sockets disable Nagle's algorithm: the client writes headers and body separately, and with Nagle on,
 each call stalls ~40 ms on delayed ACKs.
@@ -25,11 +20,9 @@ import urllib.parse
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 PREFIX = "/2018-06-01/runtime"
-LAYERS_PATH = "/2018-10-31/layers"
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,6 @@ class RuntimeApi:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.init_error: InvocationResult | None = None
-        self._layers: dict[str, Path] = {}  # ARN -> zip
         self._server = _Server(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="runtime-api", daemon=True)
@@ -83,10 +75,6 @@ class RuntimeApi:
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.address}"
-
-    def add_layer(self, arn: str, zip_path: Path) -> None:
-        """Serve ``zip_path`` as the content of layer version ``arn``."""
-        self._layers[arn] = zip_path
 
     # -- the test side ---------------------------------------------------------------------------
     def submit(self, event: bytes) -> Future[InvocationResult]:
@@ -178,10 +166,6 @@ def _handler_class(api: RuntimeApi) -> type[BaseHTTPRequestHandler]:
                     "Lambda-Runtime-Invoked-Function-Arn": api.function_arn,
                     "Lambda-Runtime-Trace-Id": f"Root=1-00000000-{pending.request_id[-24:]};Sampled=0",
                 })
-            elif url.path.rstrip("/") == LAYERS_PATH:
-                self._get_layer_version(urllib.parse.parse_qs(url.query).get("Arn", [""])[0])
-            elif url.path.startswith("/layer-content/"):
-                self._layer_content(urllib.parse.unquote(url.path.removeprefix("/layer-content/")))
             else:
                 self._reply(404, b'{"errorMessage": "not found"}')
 
@@ -202,34 +186,5 @@ def _handler_class(api: RuntimeApi) -> type[BaseHTTPRequestHandler]:
                     self._reply(400, b'{"errorMessage": "unknown request id"}')
                 return
             self._reply(404, b'{"errorMessage": "not found"}')
-
-        # -- GetLayerVersionByArn and the layer's zip -------------------------------------------
-        def _get_layer_version(self, arn: str) -> None:
-            zip_path = api._layers.get(arn)
-            if zip_path is None:
-                self._reply(404, json.dumps({"Type": "User", "message": f"layer {arn} not found"}).encode(),
-                            {"x-amzn-ErrorType": "ResourceNotFoundException"})
-                return
-            location = f"{api.endpoint_url}/layer-content/{urllib.parse.quote(arn, safe='')}"
-            answer = {"LayerVersionArn": arn, "LayerArn": arn.rsplit(":", 1)[0], "Version": int(arn.rsplit(":", 1)[1]),
-                      "Content": {"Location": location, "CodeSize": zip_path.stat().st_size}}
-            self._reply(200, json.dumps(answer).encode())
-
-        def _layer_content(self, arn: str) -> None:
-            zip_path = api._layers.get(arn)
-            if zip_path is None:
-                self._reply(404, b"{}")
-                return
-            size = zip_path.stat().st_size
-            wanted = self.headers.get("Range", "")
-            if not wanted.startswith("bytes="):
-                self._reply(200, zip_path.read_bytes(), {"Content-Type": "application/zip"})
-                return
-            first, _, last = wanted.removeprefix("bytes=").partition("-")
-            start, end = int(first), min(int(last) if last else size - 1, size - 1)
-            with zip_path.open("rb") as fh:  # only the range: S3 serves 8 MB parts, not the object each time
-                fh.seek(start)
-                chunk = fh.read(end - start + 1)
-            self._reply(206, chunk, {"Content-Type": "application/zip", "Content-Range": f"bytes {start}-{end}/{size}"})
 
     return Handler

@@ -35,6 +35,22 @@ def layer_arn(logical_id: str, version: int = 1) -> str:
     return f"arn:aws:lambda:us-east-1:123456789012:layer:{logical_id}:{version}"
 
 
+def function_arn(logical_id: str, qualifier: str | None = None) -> str:
+    """The stand-in ARN of a function (``Ref`` of ``Fn.Alias`` is the alias ARN, qualifier ``live``)."""
+    arn = f"arn:aws:lambda:us-east-1:123456789012:function:{logical_id}"
+    return f"{arn}:{qualifier}" if qualifier else arn
+
+
+def function_name_of(name_or_arn: str) -> str:
+    """``Invoke``'s FunctionName (a name, a partial or full ARN, with or without qualifier) -> the name."""
+    parts = name_or_arn.split(":")
+    if len(parts) >= 7 and parts[0] == "arn":  # arn:aws:lambda:region:account:function:name[:qualifier]
+        return parts[6]
+    if len(parts) >= 3 and parts[1] == "function":  # account:function:name[:qualifier]
+        return parts[2]
+    return parts[0]
+
+
 @dataclass(frozen=True)
 class BuiltLayer:
     name: str
@@ -93,8 +109,9 @@ class BuiltApp:
     def resolver(self, parameters: Mapping[str, str] | None = None,
                  resources: Mapping[str, str] | None = None) -> Resolver:
         """``resources``: what ``Ref``/``GetAtt`` of a resource stands for (``{"CacheBucket": "b"}``).
-        Layers resolve to :func:`layer_arn` unless given."""
+        Layers resolve to :func:`layer_arn`, ``Fn.Alias`` to :func:`function_arn` unless given."""
         refs = {name: layer_arn(name) for name in self.layers}
+        refs.update({f"{name}.Alias": function_arn(name, "live") for name in self.functions})
         refs.update(resources or {})
         return Resolver({**self.parameter_defaults, **(parameters or {})}, refs,
                         self.template.get("Conditions", {}))

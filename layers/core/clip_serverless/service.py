@@ -9,9 +9,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from .core.encoder import Float32Array, ImageEncoder, TextEncoder
 from .core.model_dir import TOKENIZER_FILE, ModelDir
@@ -21,6 +22,17 @@ if TYPE_CHECKING:
     from .core.tokenizer import ClipTokenizer
 
 Tower = Literal["visual", "textual"]
+
+
+class TextTower(Protocol):
+    """What embeds token ids: the local ONNX text tower, or another function's (``text_function``)."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def load(self) -> None: ...
+
+    def encode(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.integer] | None = None) -> Float32Array: ...
 
 
 class TextTooLong(ValueError):
@@ -42,7 +54,8 @@ class Embeddings:
 
 class ClipService:
     def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
-                 truncate_text: bool = True, max_image_pixels: int = 64_000_000) -> None:
+                 truncate_text: bool = True, max_image_pixels: int = 64_000_000,
+                 text_tower: TextTower | None = None) -> None:
         self.model_dir = model_dir
         self.manifest = model_dir.manifest
         self.cache = cache
@@ -50,7 +63,10 @@ class ClipService:
         self.truncate_text = truncate_text
         self.max_image_pixels = max_image_pixels
         self.image_encoder = ImageEncoder(model_dir)
-        self.text_encoder = TextEncoder(model_dir)
+        # The text tower runs here, or (compare on Lambda) in the embed_text function; the tokenizer, and
+        # with it the cache keys, stays here either way.
+        self.text_encoder: TextTower = text_tower if text_tower is not None else TextEncoder(model_dir)
+        self.text_is_remote = text_tower is not None
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()
 
@@ -67,17 +83,37 @@ class ClipService:
         return self._tokenizer
 
     def preload(self, towers: Sequence[Tower]) -> None:
-        """Load towers now (Lambda init) instead of at the first request."""
-        for tower in towers:
-            if tower == "visual":
-                self.image_encoder.load()
-                from .core import preprocessing  # noqa: F401  (import cost belongs to init too)
-            else:
+        """Load towers now (Lambda init) instead of at the first request.
+
+        With both asked for, the text side (tokenizer, session or client) loads in a thread beside the
+        image session: ONNX Runtime releases the GIL while it builds a session.
+        """
+        failed: list[BaseException] = []
+
+        def load_text() -> None:
+            try:
                 _ = self.tokenizer
                 self.text_encoder.load()
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                failed.append(exc)
+
+        text = threading.Thread(target=load_text, name="preload-text") if "textual" in towers else None
+        if text is not None:
+            text.start()
+        try:
+            if "visual" in towers:
+                self.image_encoder.load()
+                from .core import preprocessing  # noqa: F401  (import cost belongs to init too)
+        finally:
+            if text is not None:
+                text.join()
+        if failed:
+            raise failed[0]
 
     def loaded_towers(self) -> list[str]:
-        return [name for name, enc in (("visual", self.image_encoder), ("textual", self.text_encoder)) if enc.loaded]
+        """The towers loaded in this process (another function's text tower is not one of them)."""
+        text_here = self.text_encoder.loaded and not self.text_is_remote
+        return [name for name, loaded in (("visual", self.image_encoder.loaded), ("textual", text_here)) if loaded]
 
     # -- embedding ---------------------------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True) -> Embeddings:

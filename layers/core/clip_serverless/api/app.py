@@ -128,6 +128,13 @@ def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = EN
     model_dir = ModelDir.open(settings.model_dir)
     from ..cache import from_env as cache_from_env
 
+    text_tower = None
+    if settings.text_function:
+        from ..text_function import TextFunctionEncoder
+
+        text_tower = TextFunctionEncoder(settings.text_function, model_dir.manifest,
+                                         timeout_s=settings.text_function_timeout)
     service = ClipService(model_dir, cache=cache_from_env(model_dir.manifest), text_batch_size=settings.text_batch_size,
-                          truncate_text=settings.truncate_text, max_image_pixels=settings.max_image_pixels)
+                          truncate_text=settings.truncate_text, max_image_pixels=settings.max_image_pixels,
+                          text_tower=text_tower)
     return create_app(service, settings, endpoints)

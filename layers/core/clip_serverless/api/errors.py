@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ..text_function import TextFunctionError
+
 log = logging.getLogger("clip_serverless.api")
 
 
@@ -98,6 +100,13 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return ErrorJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
 
+async def _text_function_error(_request: Request, exc: Exception) -> JSONResponse:
+    # compare's text vectors come from another function (text_function.py): its failure, as a status.
+    assert isinstance(exc, TextFunctionError)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return error_response(exc.status, exc.message, headers)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The detail goes to the log only: it may hold paths or library internals.
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -108,4 +117,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(TextFunctionError, _text_function_error)
     app.add_exception_handler(Exception, _unexpected)

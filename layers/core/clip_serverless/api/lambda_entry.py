@@ -12,14 +12,16 @@ from typing import Any
 
 from mangum import Mangum
 
+from .. import snapstart, text_function
 from ..cache.after_response import after_response, install
-from ..service import Tower
+from ..service import ClipService, Tower
 from .app import build
 from .routes import Endpoint
+from .settings import Settings
 
-# What each endpoint needs. compare loads both towers at init: almost every compare call needs both
-# (image subject vs text prompts is the default), and init is where the work is cheapest to pay
-# (and where SnapStart snapshots it).
+# What each endpoint loads at init (where SnapStart snapshots it). compare's "textual" is its tokenizer
+# and the Lambda client of the embed_text function, which embeds its texts (CLIP_TEXT_FUNCTION): each
+# function loads exactly one tower.
 PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {
     "embed_image": ("visual",),
     "embed_text": ("textual",),
@@ -37,7 +39,8 @@ def preload_for(endpoint: Endpoint) -> tuple[Tower, ...]:
 
 
 def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
-    app = build(endpoints=(endpoint,))
+    settings = Settings.from_env()
+    app = build(settings, endpoints=(endpoint,))
     service = app.state.service
     towers = preload_for(endpoint)
     service.preload(towers)
@@ -45,7 +48,28 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
         # An image miss consults S3 on its first request; create the client (~240 ms) at init instead.
         service.cache.preload(("image", "text") if endpoint == "compare" else ("image",))
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
-    handler = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
+    handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
+        app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
+    if "textual" in PRELOAD[endpoint] and not service.text_is_remote:
+        handler = ServingTextTower(app, handler, service)
+    # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
+    snapstart.install(settings=settings, service=service,
+                      renew=[service.text_encoder.renew] if service.text_is_remote else [])
     if service.cache is not None and install(service.cache):  # Lambda: S3 writes after the response
         return after_response(handler)
     return handler
+
+
+class ServingTextTower:
+    """The function's handler, which also answers other functions' direct invocations for text vectors
+    (``compare``'s Invoke calls, :mod:`clip_serverless.text_function`)."""
+
+    def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService) -> None:
+        self.app = app
+        self.handler = handler
+        self.service = service
+
+    def __call__(self, event: Any, context: Any) -> dict[str, Any]:
+        if text_function.is_request(event):
+            return text_function.serve(event, self.service.text_encoder, self.service.manifest)
+        return self.handler(event, context)

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -36,6 +37,8 @@ Endpoint = Literal["embed_image", "embed_text", "compare"]
 ENDPOINTS: tuple[Endpoint, ...] = ("embed_image", "embed_text", "compare")
 
 log = logging.getLogger("clip_serverless.request")
+# Runs compare's text side while the request's thread does the images (see ClipRoutes._embed_both).
+_TEXT_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compare-text")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413)
@@ -78,6 +81,20 @@ class ClipRoutes:
             return self.service.embed_texts(texts, use_cache=use_cache)
         except TextTooLong as exc:
             raise BadRequest(str(exc)) from None
+
+    def _embed_both(self, images: list[ImageInput | str], texts: list[str], use_cache: bool
+                    ) -> tuple[Embeddings, Embeddings]:
+        """Images here and texts at the same time when another function embeds them (compare on
+        Lambda): the Invoke round trip overlaps the image download, decode and encode."""
+        if not self.service.text_is_remote:
+            return self._embed_images(self._load_images(images), use_cache), self._embed_texts(texts, use_cache)
+        pending = _TEXT_POOL.submit(self._embed_texts, texts, use_cache)
+        try:
+            image_result = self._embed_images(self._load_images(images), use_cache)
+        except BaseException:
+            pending.cancel()
+            raise
+        return image_result, pending.result()
 
     def _respond(self, endpoint: Endpoint, payload: dict[str, Any], started: float, n: int,
                  results: list[Embeddings]) -> JSONResponse:
@@ -140,13 +157,11 @@ class ClipRoutes:
             subject, others, results = result.vectors[0], result.vectors[1:], [result]
         elif subject_type == "image":
             texts = cmp.text_items("prompt", prompts.items)  # validate before any download
-            subject_r = self._embed_images(self._load_images([body.subject]), use_cache)
-            prompt_r = self._embed_texts(texts, use_cache)
+            subject_r, prompt_r = self._embed_both([body.subject], texts, use_cache)
             subject, others, results = subject_r.vectors[0], prompt_r.vectors, [subject_r, prompt_r]
         else:
             subject_text = cmp.text_items("subject", [body.subject])
-            prompt_r = self._embed_images(self._load_images(list(prompts.items)), use_cache)
-            subject_r = self._embed_texts(subject_text, use_cache)
+            prompt_r, subject_r = self._embed_both(list(prompts.items), subject_text, use_cache)
             subject, others, results = subject_r.vectors[0], prompt_r.vectors, [subject_r, prompt_r]
         sims = cmp.cosine_similarities(subject, others)
         similarity: list[float] | dict[str, float] = (

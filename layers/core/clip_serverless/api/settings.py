@@ -133,6 +133,9 @@ class Settings:
     # The key holder, not the key: SnapStart's after-restore hook re-reads it (snapstart.py). Default: open.
     api_key_holder: ApiKey = field(default_factory=ApiKey, repr=False, compare=False)
     url: UrlSettings = field(default_factory=UrlSettings)
+    # Another Lambda function that embeds text (compare on AWS: embed_text's alias); None: the local tower.
+    text_function: str | None = None
+    text_function_timeout: float = 10.0  # seconds to wait for its answer (it may be cold: init included)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -147,6 +150,8 @@ class Settings:
             max_image_pixels=_int("CLIP_MAX_IMAGE_PIXELS", 64_000_000),
             api_key_holder=ApiKey.from_env(),  # CLIP_API_KEY, else Secrets Manager / SSM (secrets.py)
             url=UrlSettings.from_env(),
+            text_function=os.environ.get("CLIP_TEXT_FUNCTION", "").strip() or None,
+            text_function_timeout=_float("CLIP_TEXT_FUNCTION_TIMEOUT", 10.0),
         )
 
     @property

@@ -1,0 +1,166 @@
+"""compare's text vectors through another function: both sides of the exchange, in process.
+
+The built functions talking through a local Invoke API are in test_built_functions.py; here each side
+alone: :func:`serve` against the real text tower, and :class:`TextFunctionEncoder` against botocore's
+Stubber, for every answer Lambda can give.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from clip_serverless.core.model_dir import ModelDir
+from clip_serverless.service import ClipService
+from clip_serverless.text_function import EVENT_KEY, TextFunctionEncoder, TextFunctionError, is_request, serve
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_path: Path) -> ClipService:
+    return ClipService(ModelDir.open(tiny_model_path))
+
+
+def _payload(data: dict[str, Any]) -> StreamingBody:
+    raw = json.dumps(data).encode()
+    return StreamingBody(io.BytesIO(raw), len(raw))
+
+
+class _ServedLocally:
+    """A stand-in Lambda client whose invoke runs :func:`serve` on the local tower, as embed_text does."""
+
+    def __init__(self, service: ClipService) -> None:
+        self.service = service
+        self.calls = 0
+
+    def invoke(self, FunctionName: str, Payload: bytes) -> dict[str, Any]:
+        self.calls += 1
+        answer = serve(json.loads(Payload), self.service.text_encoder, self.service.manifest)
+        return {"StatusCode": 200, "Payload": _payload(answer)}
+
+
+def test_remote_vectors_are_bit_identical_to_the_local_tower(local: ClipService) -> None:
+    texts = ["a red circle", "a blue square on a white background", "x"]
+    want = local.embed_texts(texts, use_cache=False).vectors
+    client = _ServedLocally(local)
+    remote = ClipService(local.model_dir, text_tower=TextFunctionEncoder("embed-text", local.manifest, client=client))
+    got = remote.embed_texts(texts, use_cache=False)
+    assert client.calls == 1
+    assert got.vectors.dtype == np.float32 and np.array_equal(got.vectors, want)
+    assert remote.loaded_towers() == []  # another function's tower is not loaded here
+
+
+def test_serve_refuses_what_it_cannot_embed(local: ClipService) -> None:
+    manifest, encoder = local.manifest, local.text_encoder
+
+    def status(request: Any) -> int:
+        answer = serve({EVENT_KEY: request}, encoder, manifest)[EVENT_KEY]
+        return int(answer["error"]["status"])
+
+    good = {"v": 1, "model": manifest.digest, "ids": [[49406, 320, 49407]]}
+    assert "vectors" in serve({EVENT_KEY: good}, encoder, manifest)[EVENT_KEY]
+    assert status({**good, "v": 2}) == 400
+    assert status({**good, "model": "0" * 64}) == 503  # another model: a deployment in progress
+    assert status({**good, "ids": []}) == 400
+    assert status({**good, "ids": [[]]}) == 400
+    assert status({**good, "ids": [[1] * 78]}) == 400
+    assert status({**good, "ids": [[49406, 1.5]]}) == 400
+    assert status({**good, "ids": [[49406, 49408]]}) == 400
+    assert status({**good, "ids": [[-1]]}) == 400
+    assert status("nonsense") == 400
+    assert is_request({EVENT_KEY: good}) and not is_request({"version": "2.0", "rawPath": "/"})
+
+
+def _stubbed(manifest: Any) -> tuple[TextFunctionEncoder, Stubber]:
+    import boto3
+
+    client = boto3.client("lambda", region_name="us-east-1")
+    return TextFunctionEncoder("arn:aws:lambda:us-east-1:123456789012:function:t:live", manifest,
+                               client=client), Stubber(client)
+
+
+IDS = np.array([[49406, 320, 49407]], dtype=np.int64)
+
+
+def test_throttled_twice_is_503_with_retry_after(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("clip_serverless.text_function.time.sleep", lambda _s: None)
+    encoder, stub = _stubbed(local.manifest)
+    for _ in range(2):
+        stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
+    with stub, pytest.raises(TextFunctionError) as caught:
+        encoder.encode(IDS)
+    assert (caught.value.status, caught.value.retry_after) == (503, 1)
+    stub.assert_no_pending_responses()
+
+
+def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("clip_serverless.text_function.time.sleep", sleeps.append)
+    encoder, stub = _stubbed(local.manifest)
+    stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
+    vector = np.arange(local.manifest.embed_dim, dtype="<f4")
+    answer = {EVENT_KEY: {"dim": vector.size, "count": 1, "vectors": base64.b64encode(vector.tobytes()).decode()}}
+    stub.add_response("invoke", {"StatusCode": 200, "Payload": _payload(answer)})
+    with stub:
+        got = encoder.encode(IDS)
+    assert np.array_equal(got[0], vector) and len(sleeps) == 1 and 0.05 <= sleeps[0] <= 0.25
+
+
+@pytest.mark.parametrize(("payload", "function_error", "status", "text"), [
+    ({"errorType": "Sandbox.Timedout", "errorMessage": "Task timed out after 28.00 seconds"}, "Unhandled", 504,
+     "timed out"),
+    ({"errorType": "MemoryError", "errorMessage": "/opt/python/secret/path"}, "Unhandled", 502, "MemoryError"),
+    ({EVENT_KEY: {"error": {"status": 400, "message": "each row of ids must hold 1 to 77 integers"}}}, None, 400,
+     "1 to 77"),
+    ({EVENT_KEY: {"error": {"status": 503, "message": "a deployment is in progress; retry"}}}, None, 503, "retry"),
+    ({EVENT_KEY: {"dim": 3, "count": 1, "vectors": "AAAA"}}, None, 502, "malformed"),
+    ({"statusCode": 200, "body": "{}"}, None, 502, "unexpected"),
+])
+def test_text_function_answers_become_clear_statuses(local: ClipService, payload: dict[str, Any],
+                                                     function_error: str | None, status: int, text: str) -> None:
+    encoder, stub = _stubbed(local.manifest)
+    response: dict[str, Any] = {"StatusCode": 200, "Payload": _payload(payload)}
+    if function_error:
+        response["FunctionError"] = function_error
+    stub.add_response("invoke", response)
+    with stub, pytest.raises(TextFunctionError) as caught:
+        encoder.encode(IDS)
+    assert caught.value.status == status and text in caught.value.message
+    assert "/opt/python" not in caught.value.message
+    assert (caught.value.retry_after == 1) == (status == 503)
+
+
+def test_other_client_errors_are_502_naming_the_code(local: ClipService) -> None:
+    encoder, stub = _stubbed(local.manifest)
+    stub.add_client_error("invoke", "AccessDeniedException", "not authorized", 403)
+    with stub, pytest.raises(TextFunctionError) as caught:
+        encoder.encode(IDS)
+    assert caught.value.status == 502 and "AccessDeniedException" in caught.value.message
+
+
+def test_a_text_function_that_does_not_answer_in_time_is_504(local: ClipService) -> None:
+    """A real socket that accepts and never answers: botocore's read timeout, then 504."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    import boto3
+    from botocore.config import Config
+
+    port = listener.getsockname()[1]
+    client = boto3.client("lambda", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{port}",
+                          config=Config(read_timeout=0.5, connect_timeout=0.5, retries={"total_max_attempts": 1}))
+    encoder = TextFunctionEncoder("t", local.manifest, timeout_s=0.5, client=client)
+    try:
+        with pytest.raises(TextFunctionError) as caught:
+            encoder.encode(IDS)
+    finally:
+        listener.close()
+    assert caught.value.status == 504 and "0.5 s" in caught.value.message
