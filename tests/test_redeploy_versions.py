@@ -63,7 +63,7 @@ def functions_and_layers(flavour: str) -> dict[str, list[str]]:
 def version_ids(template: dict[str, Any]) -> dict[str, str]:
     """Function logical id -> the logical id of its published version (what the `live` alias points at)."""
     out = {}
-    for name, res in template["Resources"].items():
+    for res in template["Resources"].values():
         if res["Type"] == "AWS::Lambda::Alias":
             function = res["Properties"]["FunctionName"]["Ref"]
             out[function] = res["Properties"]["FunctionVersion"]["Fn::GetAtt"][0]
