@@ -19,7 +19,8 @@ It prints a loud warning when the model that will be deployed is not OpenAI's we
 model: its provenance source is not ``pretrained``).
 
 After ``--``, a command to run when the check passes, with ``--parameter-overrides`` appended: samconfig's
-overrides followed by ``Architecture=<arch>``. Always explicit, because on an existing stack ``sam deploy``
+overrides followed by ``Architecture=<arch>`` and ``BuiltModel=<model id>`` (the stack's Model output).
+Always explicit, because on an existing stack ``sam deploy``
 keeps the previous value of every parameter it is not given (samcli/commands/deploy/deploy_context.py,
 merge_parameters: UsePreviousValue), and a command-line ``--parameter-overrides`` replaces samconfig's.
 
@@ -301,10 +302,18 @@ def check(config_file: Path, env: str = "default", arch: str | None = None) -> P
     for model_id, provenance in sorted(build.models.items()):
         if provenance.get("source") != "pretrained":
             plan.warnings.append(demo_warning(model_id, provenance))
+    if len(build.models) == 1:  # the stack's Model output names what the layers carry
+        plan.overrides.append(f"BuiltModel={_quote(model_description(*next(iter(build.models.items()))))}")
     if not build.models:
         plan.warnings.append(f"predeploy_check: which model {template_path.parent} holds is unknown "
                              f"({'; '.join(build.notes) or 'no model record'})")
     return plan
+
+
+def model_description(model_id: str, provenance: Mapping[str, Any]) -> str:
+    """The value of the template's BuiltModel parameter (its Model output): id, and DEMO when not OpenAI's."""
+    source = provenance.get("source")
+    return model_id if source == "pretrained" else f"{model_id} (DEMO model, {source}, not OpenAI CLIP)"
 
 
 def demo_warning(model_id: str, provenance: Mapping[str, Any]) -> str:

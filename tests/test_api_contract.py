@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.conftest import b64, image_obj, shape_png
+from tests.conftest import TINY_MODEL, b64, image_obj, shape_png
 
 EMBED_KEYS = ["inference_id", "frame_id", "time", "embeddings"]
 COMPARE_KEYS = ["inference_id", "frame_id", "time", "similarity", "parent_id"]
@@ -186,6 +189,25 @@ def test_health_info_and_openapi(client: Any) -> None:
     assert client.get("/").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/clip/embed_image", "/clip/embed_text", "/clip/compare"} <= set(paths)
+
+
+def test_health_says_when_the_model_is_a_demo(client: Any, tmp_path: Path) -> None:
+    health = client.get("/healthz").json()
+    assert health["demo"] is True and "not OpenAI's CLIP" in health["warning"]
+    from clip_serverless.api.app import create_app
+    from clip_serverless.api.settings import Settings
+    from clip_serverless.core.model_dir import ModelDir
+    from clip_serverless.service import ClipService
+    from fastapi.testclient import TestClient
+
+    shutil.copytree(TINY_MODEL, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest["provenance"] = {"source": "pretrained", "weights": "openai/clip-vit-base-patch32"}
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    service = ClipService(ModelDir.open(tmp_path / "m"))
+    with TestClient(create_app(service, Settings(model_dir=tmp_path / "m"))) as real:
+        health = real.get("/healthz").json()
+    assert health["demo"] is False and "warning" not in health
 
 
 def test_api_key_off_by_default_and_required_when_configured(make_app: Any) -> None:

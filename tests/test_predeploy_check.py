@@ -48,6 +48,10 @@ def load_checker() -> ModuleType:
 pc = load_checker()
 
 
+# The stack's Model output, as the check passes it for the demo model the fake builds hold.
+BUILT_DEMO = 'BuiltModel="clip/tiny-shapes (DEMO model, trained, not OpenAI CLIP)"'
+
+
 def write_samconfig(root: Path, default_overrides: str = 'parameter_overrides = "ApiKeySource=none"',
                     image_template: str = 'template_file = ".aws-sam/build-image/template.yaml"',
                     image_global: str = "") -> Path:
@@ -107,7 +111,8 @@ def test_without_an_architecture_the_builds_is_passed_explicitly(tmp_path: Path)
     plan = pc.check(write_samconfig(tmp_path), "default")
     assert plan.architecture == "arm64" and plan.template == tmp_path / ".aws-sam" / "build" / "template.yaml"
     # samconfig's overrides kept (a command-line --parameter-overrides replaces them), Architecture last
-    assert plan.overrides == ["ApiKeySource=none", "Architecture=arm64"]
+    # and the model the build holds, for the stack's Model output
+    assert plan.overrides == ["ApiKeySource=none", "Architecture=arm64", BUILT_DEMO]
     assert plan.stack_name == "clip-serverless"
 
 
@@ -127,14 +132,15 @@ def test_samconfig_architecture_that_differs_from_the_build_is_refused(tmp_path:
         pc.check(config, "default")
     # ARCH wins over samconfig, and is passed last so that it wins in sam deploy too.
     plan = pc.check(config, "default", arch="x86_64")
-    assert plan.overrides == ["ApiKeySource=none Architecture=arm64", "Architecture=x86_64"]
+    assert plan.overrides == ["ApiKeySource=none Architecture=arm64", "Architecture=x86_64", BUILT_DEMO]
 
 
 def test_samconfig_overrides_as_a_list_or_a_table(tmp_path: Path) -> None:
     zip_build(tmp_path, "arm64")
     listed = write_samconfig(
         tmp_path, default_overrides='parameter_overrides = ["ApiKeySource=none", "Architecture=arm64"]')
-    assert pc.check(listed, "default").overrides == ["ApiKeySource=none", "Architecture=arm64", "Architecture=arm64"]
+    assert pc.check(listed, "default").overrides == ["ApiKeySource=none", "Architecture=arm64", "Architecture=arm64",
+                                                     BUILT_DEMO]
     table = write_samconfig(tmp_path, default_overrides='parameter_overrides = {Architecture = "x86_64"}')
     with pytest.raises(pc.CheckFailed, match="MISMATCH"):
         pc.check(table, "default")
@@ -220,8 +226,8 @@ def test_the_command_runs_with_the_overrides_only_when_the_check_passes(tmp_path
     done = run_checker(tmp_path, "check", "--", *argv_printer)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [
-        "deploy", "--parameter-overrides", "ApiKeySource=none", "Architecture=x86_64"]
-    assert "DEMO" not in done.stdout and "NOT OpenAI's CLIP" in done.stderr
+        "deploy", "--parameter-overrides", "ApiKeySource=none", "Architecture=x86_64", BUILT_DEMO]
+    assert "WARNING" not in done.stdout and "NOT OpenAI's CLIP" in done.stderr  # the banner goes to stderr
     refused = run_checker(tmp_path, "check", "--arch", "arm64", "--", *argv_printer)
     assert refused.returncode == 1 and "ARCHITECTURE MISMATCH" in refused.stderr
     assert "--parameter-overrides" not in refused.stdout  # the command did not run

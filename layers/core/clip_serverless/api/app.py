@@ -103,16 +103,23 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
     def info() -> dict[str, object]:
         return {"name": "clip-serverless", "version": VERSION, "uuid": _INSTANCE}
 
+    demo = manifest.provenance.get("source") != "pretrained"
+
     def health() -> dict[str, object]:
-        return {
+        answer: dict[str, object] = {
             "status": "ok",
             "model_id": manifest.model_id,
             "clip_version_id": manifest.version_id,
             "precision": manifest.precision,
             "provenance": manifest.provenance,
+            "demo": demo,
             "endpoints": [f"/clip/{e}" for e in endpoints],
             "loaded": service.loaded_towers(),
         }
+        if demo:
+            answer["warning"] = (f"{manifest.model_id} is a demo model ({manifest.provenance.get('source')}), "
+                                 "not OpenAI's CLIP: its embeddings mean nothing for real images and text.")
+        return answer
 
     app.add_api_route("/", info, methods=["GET"], summary="Server info (Roboflow's /info shape)")
     app.add_api_route("/info", info, methods=["GET"], summary="Server info (Roboflow's /info shape)")
