@@ -45,11 +45,11 @@ def main() -> None:
             (HERE / f"{endpoint}.{suffix}.json").write_text(json.dumps(event, indent=2) + "\n")
     health = http_api_event("GET", "/healthz")
     (HERE / "healthz.http-api.json").write_text(json.dumps(health, indent=2) + "\n")
-    # `sam local start-api --env-vars events/sam-local-env.json` (with `sam local start-lambda` on port 3001):
+    # `sam local start-api --env-vars infra/sam-local-env.json` (with `sam local start-lambda` on port 3001):
     # compare asks embed_text for text vectors through Lambda's Invoke API, which start-lambda serves.
     local_env = {"CompareFunction": {"CLIP_TEXT_FUNCTION": "EmbedTextFunction",
                                      "AWS_ENDPOINT_URL_LAMBDA": "http://host.docker.internal:3001"}}
-    (HERE / "sam-local-env.json").write_text(json.dumps(local_env, indent=2) + "\n")
+    (HERE.parent / "infra" / "sam-local-env.json").write_text(json.dumps(local_env, indent=2) + "\n")
 
 
 if __name__ == "__main__":
