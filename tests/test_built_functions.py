@@ -301,19 +301,22 @@ def test_compare_maps_text_function_failures_to_clear_answers(faulty: tuple[Lamb
 def test_compare_refuses_vectors_of_another_model_during_a_deploy(built: BuiltApp, lambda_python: str,
                                                                   tmp_path: Path) -> None:
     """Mid-deploy, compare and embed_text may run different model versions: never mix their vectors."""
-    other = REPO / "build" / "sam-test" / "other-model"  # not under /tmp: the runner maps /tmp paths
-    if other.exists():
-        shutil.rmtree(other)
-    shutil.copytree(built.layers["ModelTextLayer"].path / "model", other)
-    manifest = json.loads((other / "manifest.json").read_text())
+    import dataclasses
+
+    text_layer = built.layers["ModelTextLayer"].path
+    other = tmp_path / "ModelTextLayer-v2"  # embed_text's model layer as a redeploy would change it
+    shutil.copytree(text_layer, other)
+    manifest = json.loads((other / "model" / "manifest.json").read_text())
     manifest["model_id"] += "-v2"
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "model" / "manifest.json").write_text(json.dumps(manifest))
+    text_spec = built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""})
+    text_spec = dataclasses.replace(text_spec, layers=tuple(other if p == text_layer else p for p in text_spec.layers))
+    assert other in text_spec.layers
     with LambdaService() as service:
-        service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
-                         python=lambda_python, env={"CLIP_MODEL_DIR": str(other)})
+        service.register(text_spec, python=lambda_python)
         spec = built_function(built, "CompareFunction", resources={"CacheBucket": ""})
         env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url, "CLIP_CACHE": "off"}
-        with LocalLambda(spec, tmp_path, python=lambda_python, env=env) as compare:
+        with LocalLambda(spec, tmp_path / "compare", python=lambda_python, env=env) as compare:
             response = compare.invoke_json(event("compare.http-api"))
     assert response["statusCode"] == 503, response
     assert "deployment is in progress" in body_of(response)["message"]
