@@ -1,5 +1,5 @@
 """What a cache miss costs on the Lambda handler path: S3 writes before the response (``sync``) vs after it
-(the internal extension of ``clip_serverless.cache.after_response``).
+(the internal extension of ``clip_serverless.aws_lambda.after_response``).
 
 The real function code runs in this process: ``handler_for("embed_image")`` (Mangum + FastAPI + the model +
 the cache) with S3 on moto's HTTP server (its own process, as in ``bench_cache.py``). Every request sends a
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "layers" / "core"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cache import moto_endpoint, sample_jpeg  # noqa: E402
-from clip_serverless.cache import after_response  # noqa: E402
+from clip_serverless.aws_lambda import after_response  # noqa: E402
 
 BUCKET = "bench-after-response"
 
@@ -154,7 +154,7 @@ def images(base: bytes) -> Iterator[bytes]:
 
 def new_handler(env: dict[str, str]) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
     """A cold start of the function with this environment (its own app, model and cache)."""
-    from clip_serverless.api.lambda_entry import handler_for
+    from clip_serverless.aws_lambda.entry import handler_for
 
     saved = dict(os.environ)
     os.environ.update(env)

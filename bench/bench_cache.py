@@ -168,10 +168,10 @@ def bench_cache_paths(repeats: int, moto_in_process: bool) -> dict[str, float]:
 
 # -- compute ----------------------------------------------------------------------------------------
 def bench_compute(model_dir: Path, threads: int, repeats: int) -> dict[str, float]:
-    from clip_serverless.core.encoder import ImageEncoder, TextEncoder
-    from clip_serverless.core.model_dir import TOKENIZER_FILE, ModelDir
-    from clip_serverless.core.preprocessing import decode_image, preprocess_batch
-    from clip_serverless.core.tokenizer import ClipTokenizer
+    from clip_serverless.engine.encoder import ImageEncoder, TextEncoder
+    from clip_serverless.engine.model_dir import TOKENIZER_FILE, ModelDir
+    from clip_serverless.engine.preprocessing import decode_image, preprocess_batch
+    from clip_serverless.engine.tokenizer import ClipTokenizer
 
     md = ModelDir.open(model_dir)
     m = md.manifest

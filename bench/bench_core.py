@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from clip_serverless.core.encoder import ImageEncoder, TextEncoder, create_session
-from clip_serverless.core.model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir
+from clip_serverless.engine.encoder import ImageEncoder, TextEncoder, create_session
+from clip_serverless.engine.model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir
 
 ARCH = "ViT-B-32"
 SEED = 0
@@ -103,8 +103,8 @@ def main() -> None:
     import torch
     from clip_export.architectures import get_architecture
     from clip_export.synthetic import synthetic_model
-    from clip_serverless.core.preprocessing import decode_image, preprocess_batch
-    from clip_serverless.core.tokenizer import ClipTokenizer
+    from clip_serverless.engine.preprocessing import decode_image, preprocess_batch
+    from clip_serverless.engine.tokenizer import ClipTokenizer
 
     torch.set_num_threads(args.threads)
     fp32_dir, int8_dir = ensure_models(args.models)

@@ -357,7 +357,7 @@ TOWER_FILES = {"visual": ("visual.onnx",), "textual": ("textual.onnx", "tokenize
 def build_model(src: Path, towers: Iterable[str], out: Path) -> Path:
     """``out/model``: the manifest (whole: it describes the model) and the files of the towers asked for."""
     sys.path.insert(0, str(CORE_SRC.parent))
-    from clip_serverless.core.model_dir import MANIFEST_NAME, ModelDir
+    from clip_serverless.engine.model_dir import MANIFEST_NAME, ModelDir
 
     model = ModelDir.open(src, verify_checksums=True)
     dest = out / "model"

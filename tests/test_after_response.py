@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from clip_serverless.aws_lambda import after_response as ar
 from clip_serverless.cache import EmbeddingCache, ModelIdentity, embed_cached
-from clip_serverless.cache import after_response as ar
 from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
 

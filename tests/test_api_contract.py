@@ -42,9 +42,9 @@ def test_embed_text_is_raw_not_normalised(client: Any) -> None:
 
 
 def test_embed_text_matches_the_core(client: Any, tiny_model_path: Any) -> None:
-    from clip_serverless.core.encoder import TextEncoder
-    from clip_serverless.core.model_dir import ModelDir
-    from clip_serverless.core.tokenizer import ClipTokenizer
+    from clip_serverless.engine.encoder import TextEncoder
+    from clip_serverless.engine.model_dir import ModelDir
+    from clip_serverless.engine.tokenizer import ClipTokenizer
 
     model = ModelDir.open(tiny_model_path)
     batch = ClipTokenizer.from_file(model.file("tokenizer.json")).encode(["a yellow triangle"])
@@ -196,7 +196,7 @@ def test_health_says_when_the_model_is_a_demo(client: Any, tmp_path: Path) -> No
     assert health["demo"] is True and "not OpenAI's CLIP" in health["warning"]
     from clip_serverless.api.app import create_app
     from clip_serverless.api.settings import Settings
-    from clip_serverless.core.model_dir import ModelDir
+    from clip_serverless.engine.model_dir import ModelDir
     from clip_serverless.service import ClipService
     from fastapi.testclient import TestClient
 

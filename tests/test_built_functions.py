@@ -414,7 +414,7 @@ def test_container_image_layout_runs_compare(built: BuiltApp, lambda_python: str
     assert not dockerignore_allows(".venv/lib") and not dockerignore_allows("build/layer-cache/x")
     root = assemble(dockerfile, tmp_path / "image", built.layers["DepsAllLayer"].path / "python")
     assert (root / "opt" / "model" / "visual.onnx").exists() and (root / "opt" / "model" / "textual.onnx").exists()
-    assert (root / "var" / "task" / "clip_serverless" / "api" / "lambda_entry.py").exists()
+    assert (root / "var" / "task" / "clip_serverless" / "aws_lambda" / "entry.py").exists()
     spec = image_function(dockerfile, root, "CompareFunction", command="functions/compare/app.handler",
                           environment={"CLIP_CACHE": "off"})
     with LocalLambda(spec, tmp_path / "run", python=lambda_python) as fn:
@@ -428,7 +428,7 @@ def test_container_image_layout_runs_compare(built: BuiltApp, lambda_python: str
 # ---- the API key resolver (what the built functions call at init) --------------------------------
 def test_api_key_resolution_order_and_stores(monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
-    from clip_serverless.api.secrets import ApiKeyUnavailable, resolve_api_key
+    from clip_serverless.aws_lambda.secrets import ApiKeyUnavailable, resolve_api_key
     from moto import mock_aws
 
     assert resolve_api_key({}) is None

@@ -68,7 +68,7 @@ def test_embed_text_fills_s3_and_compare_hits_it(functions: dict[str, Any], moto
     assert len(text_keys) == 4 and all(k.startswith("e2e/tiny-shapes/") for k in text_keys)
 
     # compare must not run the text tower for these prompts: count encoder calls.
-    from clip_serverless.core.encoder import TextEncoder
+    from clip_serverless.engine.encoder import TextEncoder
 
     calls: list[int] = []
     original = TextEncoder.encode

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clip_serverless.aws_lambda.metrics import EmfEmitter
 from clip_serverless.cache import (
     CacheConfig,
     EmbeddingCache,
@@ -29,7 +30,6 @@ from clip_serverless.cache.config import DEFAULT_S3_POLICY, parse_policy
 from clip_serverless.cache.disk import DiskTier
 from clip_serverless.cache.keys import KEY_PATTERN, key_modality
 from clip_serverless.cache.memory import MemoryTier, entry_bytes
-from clip_serverless.cache.metrics import EmfEmitter
 from clip_serverless.cache.stats import CacheStats
 
 DIM = 16
@@ -489,7 +489,7 @@ for env in ({}, {"CLIP_CACHE_BUCKET": "unused-bucket", "CLIP_CACHE_S3_POLICY": "
     out, log = cache.embed("text", [b"x" * 8], lambda idx: np.ones((len(idx), 4), np.float32))
     assert log["misses"] == 1, log
 heavy = [m for m in ("boto3", "botocore", "fastapi", "PIL", "onnxruntime", "aws_lambda_powertools",
-                     "clip_serverless.core.encoder", "clip_serverless.api") if m in sys.modules]
+                     "clip_serverless.engine.encoder", "clip_serverless.api") if m in sys.modules]
 print(",".join(heavy) or "none")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_CACHE")}

@@ -30,9 +30,9 @@ from clip_export.build_tokenizer import build_tokenizer_json, find_bpe_file
 from clip_export.onnx_export import export_model_dir
 from clip_export.pretrained import PretrainedUnavailable, export_pretrained, load_pretrained
 from clip_export.synthetic import synthetic_model, synthetic_provenance
-from clip_serverless.core.encoder import ImageEncoder, TextEncoder
-from clip_serverless.core.model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir
-from clip_serverless.core.tokenizer import ClipTokenizer
+from clip_serverless.engine.encoder import ImageEncoder, TextEncoder
+from clip_serverless.engine.model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir
+from clip_serverless.engine.tokenizer import ClipTokenizer
 from transformers import CLIPModel
 
 pytestmark = pytest.mark.torch
@@ -111,7 +111,7 @@ def torch_text(model: CLIPModel, ids: npt.NDArray[np.int64]) -> Float32Array:
 
 def pixels_for(model_dir: ModelDir, n: int, seed: int = 0) -> Float32Array:
     """One real photo through the core's preprocessing, then normal noise (the range of normalised pixels)."""
-    from clip_serverless.core.preprocessing import preprocess
+    from clip_serverless.engine.preprocessing import preprocess
     from PIL import Image
     from skimage import data
 

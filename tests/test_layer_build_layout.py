@@ -139,8 +139,8 @@ def elf_machine(path: Path) -> str:
 def test_core_layer(samcli: Path, build_env: dict[str, str]) -> None:
     artifacts, _ = make_layer(samcli, build_env, "CoreLayer")
     package = artifacts / "python" / "clip_serverless"
-    assert (package / "core" / "model_dir.py").exists()
-    assert (package / "core" / "__pycache__" / "model_dir.cpython-312.pyc").exists()
+    assert (package / "engine" / "model_dir.py").exists()
+    assert (package / "engine" / "__pycache__" / "model_dir.cpython-312.pyc").exists()
     assert record(artifacts, "core")["python"] == "3.12"
 
 

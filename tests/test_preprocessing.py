@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from clip_serverless.core import preprocessing
-from clip_serverless.core.preprocessing import (
+from clip_serverless.engine import preprocessing
+from clip_serverless.engine.preprocessing import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_MAX_PIXELS,

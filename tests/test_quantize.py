@@ -21,8 +21,8 @@ from clip_export.quantize import (
     quantize_model_dir,
 )
 from clip_export.synthetic import synthetic_model, synthetic_provenance
-from clip_serverless.core.encoder import ImageEncoder, TextEncoder
-from clip_serverless.core.model_dir import TEXTUAL_FILE, VISUAL_FILE, Manifest, ModelDir
+from clip_serverless.engine.encoder import ImageEncoder, TextEncoder
+from clip_serverless.engine.model_dir import TEXTUAL_FILE, VISUAL_FILE, Manifest, ModelDir
 
 pytestmark = pytest.mark.torch  # builds the fp32 source model with transformers
 

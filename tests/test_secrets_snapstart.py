@@ -18,8 +18,8 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from botocore.stub import Stubber
-from clip_serverless import snapstart
-from clip_serverless.api.secrets import (
+from clip_serverless.aws_lambda import snapstart
+from clip_serverless.aws_lambda.secrets import (
     DEFAULT_RETRY,
     SECRET_VARIABLE,
     SSM_VARIABLE,
@@ -235,10 +235,10 @@ def test_the_client_is_closed_after_the_read() -> None:
 
 def test_boto3_is_imported_only_when_a_store_is_configured() -> None:
     code = ("import sys\n"
-            "from clip_serverless.api.secrets import ApiKey, resolve_api_key\n"
+            "from clip_serverless.aws_lambda.secrets import ApiKey, resolve_api_key\n"
             "assert resolve_api_key({}) is None and resolve_api_key({'CLIP_API_KEY': 'k'}) == 'k'\n"
             "assert ApiKey.from_env({'CLIP_API_KEY': 'k'}).get() == 'k'\n"
-            "import clip_serverless.snapstart\n"
+            "import clip_serverless.aws_lambda.snapstart\n"
             "print(sorted(m for m in ('boto3', 'botocore') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr

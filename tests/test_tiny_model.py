@@ -13,10 +13,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from clip_export import shapes
-from clip_serverless.core.encoder import ImageEncoder, TextEncoder
-from clip_serverless.core.model_dir import MODEL_FILES, TOKENIZER_FILE, ModelDir
-from clip_serverless.core.preprocessing import preprocess_batch
-from clip_serverless.core.tokenizer import ClipTokenizer
+from clip_serverless.engine.encoder import ImageEncoder, TextEncoder
+from clip_serverless.engine.model_dir import MODEL_FILES, TOKENIZER_FILE, ModelDir
+from clip_serverless.engine.preprocessing import preprocess_batch
+from clip_serverless.engine.tokenizer import ClipTokenizer
 from PIL import Image
 
 MAX_TOTAL_BYTES = 20_000_000

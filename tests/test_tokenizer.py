@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import regex
 from clip_export import build_tokenizer
-from clip_serverless.core import tokenizer as tokenizer_module
-from clip_serverless.core.tokenizer import EOT_ID, SOT_ID, ClipTokenizer, clean_text
+from clip_serverless.engine import tokenizer as tokenizer_module
+from clip_serverless.engine.tokenizer import EOT_ID, SOT_ID, ClipTokenizer, clean_text
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from tests.tokenizer_cases import all_cases

@@ -1,5 +1,5 @@
 """Lambda entry for POST /clip/embed_text: the model loads here, at init, once per container."""
 
-from clip_serverless.api.lambda_entry import handler_for
+from clip_serverless.aws_lambda.entry import handler_for
 
 handler = handler_for("embed_text")

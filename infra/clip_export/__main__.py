@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clip_serverless.core.model_dir import ModelDirError
+from clip_serverless.engine.model_dir import ModelDirError
 
 from .architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quantize(src: Path, dst: Path, args: argparse.Namespace) -> None:
-    from clip_serverless.core.model_dir import ModelDir
+    from clip_serverless.engine.model_dir import ModelDir
 
     from .quantize import Thresholds, default_thresholds, quantize_model_dir
 

@@ -1,7 +1,7 @@
 """Build CLIP's ``tokenizer.json`` (for ``tokenizers.Tokenizer.from_file``) from OpenAI's BPE merges file.
 
 The result reproduces OpenAI's ``clip/simple_tokenizer.py`` (``SimpleTokenizer.encode``) on text that has been
-through ``clip_serverless.core.tokenizer.clean_text`` (ftfy, HTML unescape, whitespace collapse, lower-case,
+through ``clip_serverless.engine.tokenizer.clean_text`` (ftfy, HTML unescape, whitespace collapse, lower-case,
 which this file cannot express exactly and which therefore stays in Python):
 
 * Vocabulary, in id order, exactly as ``SimpleTokenizer.__init__`` builds it: the 256 byte symbols of

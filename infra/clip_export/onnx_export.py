@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from clip_serverless.core.model_dir import (
+from clip_serverless.engine.model_dir import (
     MANIFEST_NAME,
     TEXTUAL_FILE,
     TOKENIZER_FILE,

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from clip_serverless.core.model_dir import Manifest
+from clip_serverless.engine.model_dir import Manifest
 from transformers import CLIPModel
 
 from .architectures import DEFAULT_ARCHITECTURE, Architecture, ClipDims, get_architecture

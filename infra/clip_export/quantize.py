@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from clip_serverless.core.encoder import ImageEncoder, TextEncoder, l2_normalize
-from clip_serverless.core.model_dir import (
+from clip_serverless.engine.encoder import ImageEncoder, TextEncoder, l2_normalize
+from clip_serverless.engine.model_dir import (
     MODEL_FILES,
     TEXTUAL_FILE,
     TOKENIZER_FILE,
@@ -136,7 +136,7 @@ def reference_captions() -> list[str]:
 
 def photo_pixels(manifest: Manifest, photos: Sequence[tuple[str, bytes]]) -> Float32Array:
     """(N, 3, S, S) float32 through the core's decoding and preprocessing."""
-    from clip_serverless.core.preprocessing import decode_image, preprocess_batch
+    from clip_serverless.engine.preprocessing import decode_image, preprocess_batch
 
     images = [decode_image(blob) for _, blob in photos]
     return np.asarray(preprocess_batch(images, manifest.image_size, manifest.mean, manifest.std), np.float32)
@@ -144,7 +144,7 @@ def photo_pixels(manifest: Manifest, photos: Sequence[tuple[str, bytes]]) -> Flo
 
 def caption_tokens(model_dir: ModelDir, texts: Sequence[str]) -> tuple[Int64Array, Int64Array]:
     """Ids (N, 77) and lengths (N,) from the model's own tokenizer.json through the core's tokenizer."""
-    from clip_serverless.core.tokenizer import ClipTokenizer
+    from clip_serverless.engine.tokenizer import ClipTokenizer
 
     batch = ClipTokenizer.from_file(model_dir.file(TOKENIZER_FILE)).encode(list(texts))
     return np.asarray(batch.ids, dtype=np.int64), np.asarray(batch.lengths, dtype=np.int64)

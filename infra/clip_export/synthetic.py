@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clip_serverless.core.model_dir import Manifest
+from clip_serverless.engine.model_dir import Manifest
 from transformers import CLIPModel
 
 from .architectures import DEFAULT_ARCHITECTURE, ClipDims, get_architecture

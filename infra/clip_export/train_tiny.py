@@ -36,8 +36,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from clip_serverless.core.preprocessing import CLIP_MEAN, CLIP_STD, preprocess
-from clip_serverless.core.tokenizer import ClipTokenizer
+from clip_serverless.engine.preprocessing import CLIP_MEAN, CLIP_STD, preprocess
+from clip_serverless.engine.tokenizer import ClipTokenizer
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
@@ -305,9 +305,9 @@ def train(steps: int, seed: int, batch_size: int, tok_json: str, *, lr: float = 
 
 def evaluate_model_dir(path: Path, count: int = REPORT_IMAGES, offset: int = REPORT_OFFSET) -> dict[str, float]:
     """Zero-shot accuracy of an exported model directory, through the deployed (torch-free) code path."""
-    from clip_serverless.core.encoder import ImageEncoder, TextEncoder
-    from clip_serverless.core.model_dir import TOKENIZER_FILE, ModelDir
-    from clip_serverless.core.preprocessing import preprocess_batch
+    from clip_serverless.engine.encoder import ImageEncoder, TextEncoder
+    from clip_serverless.engine.model_dir import TOKENIZER_FILE, ModelDir
+    from clip_serverless.engine.preprocessing import preprocess_batch
 
     model_dir = ModelDir.open(path, verify_checksums=True)
     m = model_dir.manifest

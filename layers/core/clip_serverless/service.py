@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .core.encoder import Float32Array, ImageEncoder, TextEncoder
-from .core.model_dir import TOKENIZER_FILE, ModelDir
+from .engine.encoder import Float32Array, ImageEncoder, TextEncoder
+from .engine.model_dir import TOKENIZER_FILE, ModelDir
 
 if TYPE_CHECKING:
     from .cache.tiered import EmbeddingCache
-    from .core.tokenizer import ClipTokenizer
+    from .engine.tokenizer import ClipTokenizer
 
 Tower = Literal["visual", "textual"]
 
@@ -76,7 +76,7 @@ class ClipService:
         if self._tokenizer is None:
             with self._lock:
                 if self._tokenizer is None:
-                    from .core.tokenizer import ClipTokenizer
+                    from .engine.tokenizer import ClipTokenizer
 
                     self._tokenizer = ClipTokenizer.from_file(
                         self.model_dir.file(TOKENIZER_FILE), context_length=self.manifest.context_length)
@@ -103,7 +103,7 @@ class ClipService:
         try:
             if "visual" in towers:
                 self.image_encoder.load()
-                from .core import preprocessing  # noqa: F401  (import cost belongs to init too)
+                from .engine import preprocessing  # noqa: F401  (import cost belongs to init too)
         finally:
             if text is not None:
                 text.join()
@@ -138,7 +138,7 @@ class ClipService:
         """Raw encoded image bytes in, embeddings out; raises ``ImageDecodeError`` for bad images."""
 
         def compute(indices: Sequence[int]) -> Float32Array:
-            from .core.preprocessing import decode_image, preprocess_batch
+            from .engine.preprocessing import decode_image, preprocess_batch
 
             m = self.manifest
             images = [decode_image(blobs[i], max_pixels=self.max_image_pixels) for i in indices]

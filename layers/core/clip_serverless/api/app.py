@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..core.model_dir import ModelDir
+from ..engine.model_dir import ModelDir
 from ..service import ClipService
 from .errors import error_response, install_error_handlers
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
@@ -136,7 +136,7 @@ def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = EN
 
     text_tower = None
     if settings.text_function:
-        from ..text_function import TextFunctionEncoder
+        from ..aws_lambda.text_function import TextFunctionEncoder
 
         text_tower = TextFunctionEncoder(settings.text_function, model_dir.manifest,
                                          timeout_s=settings.text_function_timeout)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..text_function import TextFunctionError
+from ..aws_lambda.text_function import TextFunctionError
 
 log = logging.getLogger("clip_serverless.api")
 

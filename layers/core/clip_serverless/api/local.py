@@ -10,7 +10,7 @@ import sys
 from typing import Any
 from urllib.parse import unquote_plus
 
-from ..core.model_dir import ModelDirError
+from ..engine.model_dir import ModelDirError
 from .settings import Settings, SettingsError
 
 EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --arch ViT-B-32 "

@@ -70,7 +70,7 @@ class ClipRoutes:
         return self.loader.load_many(images)
 
     def _embed_images(self, blobs: list[bytes], use_cache: bool) -> Embeddings:
-        from ..core.preprocessing import ImageDecodeError
+        from ..engine.preprocessing import ImageDecodeError
 
         try:
             return self.service.embed_images(blobs, use_cache=use_cache)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .secrets import ApiKey
+from ..aws_lambda.secrets import ApiKey
 from .url_fetch import UrlPolicy
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "clip-tiny"

@@ -131,7 +131,7 @@ class S3Tier:
     def renew(self) -> bool:
         """Replace the boto3 client, and with it its connection pool; True when there was one to replace.
 
-        For a SnapStart restore (:mod:`clip_serverless.snapstart`): the client created at init holds pooled
+        For a SnapStart restore (:mod:`clip_serverless.aws_lambda.snapstart`): the client created at init holds pooled
         connections the peer closed long ago, shared by every environment restored from the snapshot. The
         old client's connections are closed; the new client is created now (restore runs before the first
         request). A tier that never created a client stays lazy. Never raises: a client that cannot be

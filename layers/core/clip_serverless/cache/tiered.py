@@ -22,8 +22,8 @@ from .memory import MemoryTier
 from .stats import CacheStats
 
 if TYPE_CHECKING:  # imported when configured: a memory-only cache loads neither tempfile nor a thread pool
+    from ..aws_lambda.metrics import EmfEmitter
     from .disk import DiskTier
-    from .metrics import EmfEmitter
     from .s3 import S3Tier
 
 Float32Array = npt.NDArray[np.float32]
@@ -69,7 +69,7 @@ class EmbeddingCache:
 
             disk = DiskTier(config.disk_dir, fault_log=faults)
         if config.metrics:
-            from .metrics import EmfEmitter
+            from ..aws_lambda.metrics import EmfEmitter
 
             metrics = EmfEmitter(config.metrics_namespace)
         return cls(

@@ -23,7 +23,7 @@ that :func:`run_before_snapshot` and :func:`run_after_restore` run in the same o
 simulation of a restore). On Lambda those two functions run nothing: the runtime runs its own registry.
 
 **The API key fails closed.** When the re-read fails (after the bounded retries of
-:mod:`clip_serverless.api.secrets`, ≤ 3 s), the hook raises: the runtime discards the environment and the
+:mod:`clip_serverless.aws_lambda.secrets`, ≤ 3 s), the hook raises: the runtime discards the environment and the
 next invoke restores a fresh one. Keeping the snapshot's key would accept, for the hours an environment
 lives, a key that may have been rotated precisely because it leaked; the key holder also refuses every
 request from then on, so nothing is served with the old key even if the error were swallowed. It is what
@@ -49,11 +49,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from .api.settings import Settings
-    from .service import ClipService
+    from ..api.settings import Settings
+    from ..service import ClipService
 
 SNAPSHOT_RESTORE_MODULE = "snapshot_restore_py"
-log = logging.getLogger("clip_serverless.snapstart")
+log = logging.getLogger("clip_serverless.aws_lambda.snapstart")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Hook = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -132,7 +132,7 @@ def reseed_random() -> None:
 
 def renew_instance_id() -> None:
     """A new ``uuid`` for ``GET /info`` (made at import of the app module, so shared by every restored copy)."""
-    app_module = sys.modules.get(f"{__package__}.api.app")
+    app_module = sys.modules.get(f"{__package__.rpartition('.')[0]}.api.app")
     if app_module is not None and "_INSTANCE" in vars(app_module):
         vars(app_module)["_INSTANCE"] = str(uuid.uuid4())  # read by the /info route at each call
 
@@ -164,7 +164,7 @@ def install(*, settings: Settings | None = None, service: ClipService | None = N
 
     Order: random seeds and instance id (cheap, cannot fail), then clients (``service``'s S3 tier, then each
     callable of ``renew``), then the API key when it comes from a store (the one hook that may fail the
-    restore, bounded by :data:`clip_serverless.api.secrets.DEFAULT_RETRY` at 3 s).
+    restore, bounded by :data:`clip_serverless.aws_lambda.secrets.DEFAULT_RETRY` at 3 s).
     """
     names: list[str] = []
 

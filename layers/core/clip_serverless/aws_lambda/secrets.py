@@ -39,7 +39,7 @@ after the read (no pooled connection goes into a SnapStart snapshot), and a key 
 with :class:`ApiKeyUnavailable`: an API meant to be protected must never start open.
 
 **Renewal.** :class:`ApiKey` holds the key the routes check (``Settings.api_key`` reads it per request).
-:meth:`ApiKey.refresh` re-reads the store; :mod:`clip_serverless.snapstart` calls it after a restore, since
+:meth:`ApiKey.refresh` re-reads the store; :mod:`clip_serverless.aws_lambda.snapstart` calls it after a restore, since
 the key may have been rotated since the snapshot was taken. A failed refresh fails closed: the holder then
 refuses every request (:meth:`ApiKey.get` raises) and the error propagates, so Lambda's runtime reports the
 restore as failed and discards the environment.

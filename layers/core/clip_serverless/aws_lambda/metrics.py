@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .stats import CacheStats
+from ..cache.stats import CacheStats
 
 DEFAULT_NAMESPACE = "ClipServerless"
 

@@ -17,7 +17,7 @@ Both sides check the model digest: during a deploy the two functions move to the
 after the other, and vectors of two different models must never be compared (503, retry).
 
 :func:`serve` is the ``embed_text`` side (plain Python, no AWS); :class:`TextFunctionEncoder` the caller's
-side, a drop-in for :class:`~clip_serverless.core.encoder.TextEncoder`. boto3 is imported only there.
+side, a drop-in for :class:`~clip_serverless.engine.encoder.TextEncoder`. boto3 is imported only there.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from .core.model_dir import Manifest
-    from .service import TextTower
+    from ..engine.model_dir import Manifest
+    from ..service import TextTower
 
 Float32Array = npt.NDArray[np.float32]
 EVENT_KEY = "clip_text_tower"
 PROTOCOL = 1
 MAX_TOKEN_ID = 49407  # CLIP's end-of-text token, the largest id of its vocabulary
-log = logging.getLogger("clip_serverless.text_function")
+log = logging.getLogger("clip_serverless.aws_lambda.text_function")
 
 
 class TextFunctionError(Exception):

@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from .config import WriteMode
+from ..cache.config import WriteMode
 
 logger = logging.getLogger("clip_serverless.cache")
 

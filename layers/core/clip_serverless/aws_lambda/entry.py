@@ -12,12 +12,12 @@ from typing import Any
 
 from mangum import Mangum
 
-from .. import snapstart, text_function
-from ..cache.after_response import after_response, install
+from ..api.app import build
+from ..api.routes import Endpoint
+from ..api.settings import Settings
 from ..service import ClipService, Tower
-from .app import build
-from .routes import Endpoint
-from .settings import Settings
+from . import snapstart, text_function
+from .after_response import after_response, install
 
 # What each endpoint loads at init (where SnapStart snapshots it). compare's "textual" is its tokenizer
 # and the Lambda client of the embed_text function, which embeds its texts (CLIP_TEXT_FUNCTION): each
@@ -62,7 +62,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
 
 class ServingTextTower:
     """The function's handler, which also answers other functions' direct invocations for text vectors
-    (``compare``'s Invoke calls, :mod:`clip_serverless.text_function`)."""
+    (``compare``'s Invoke calls, :mod:`clip_serverless.aws_lambda.text_function`)."""
 
     def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService) -> None:
         self.app = app
