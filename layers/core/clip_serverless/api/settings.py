@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..aws_lambda.secrets import ApiKey
+from ..envparse import SettingsError as SettingsError  # re-exported: raised by Settings.from_env
+from ..envparse import env_bool, env_float, env_int
 from .url_fetch import UrlPolicy
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "clip-tiny"
@@ -58,45 +60,8 @@ def max_embeddings_per_response(embed_dim: int, max_response_bytes: int) -> int:
     return low
 
 
-class SettingsError(ValueError):
-    pass
-
-
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+# One parsing style for every variable (envparse): a bad value stops start-up, naming the variable.
+_int, _float, _bool = env_int, env_float, env_bool
 
 
 @dataclass(frozen=True)
