@@ -424,6 +424,30 @@ def _endpoint_cache(url: str, **kwargs: Any) -> tuple[EmbeddingCache, S3Tier]:
     return EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), s3=tier, s3_policy=BOTH), tier
 
 
+def test_max_attempts_counts_the_first_try() -> None:
+    """CLIP_CACHE_S3_MAX_ATTEMPTS=2 is two calls in all (botocore's total_max_attempts), not a first try and
+    two retries (botocore's max_attempts), as the configuration documents it."""
+    calls: list[str] = []
+
+    class Counting(_ErrorHandler):
+        def do_GET(self) -> None:
+            calls.append(self.path)
+            self._answer()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    tier = S3Tier("clip-cache", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}", region="us-east-1",
+                  max_attempts=2, deadline_s=10.0)
+    try:
+        result = tier.get_many(["one-key"])
+    finally:
+        tier.close()
+        server.shutdown()
+        server.server_close()
+    assert result.errors == 1 and len(calls) == 2, calls
+
+
 @pytest.mark.parametrize("error_endpoint, cause", [
     ((403, "AccessDenied"), "AccessDenied (HTTP 403)"),
     ((503, "SlowDown"), "SlowDown (HTTP 503)"),

@@ -2,8 +2,9 @@
 
 - boto3 is imported when the tier is first used (or :meth:`S3Tier.prepare` is called), never at import:
   ~120 ms of import and ~100 ms of client creation that a function without a bucket never pays.
-- botocore timeouts are short and retries bounded (``Config(connect_timeout, read_timeout,
-  retries={"max_attempts", "mode": "standard"})``), and each batch waits at most ``deadline_s`` for its
+- botocore timeouts are short and attempts bounded (``Config(connect_timeout, read_timeout,
+  retries={"total_max_attempts", "mode": "standard"})``: ``total_max_attempts`` counts the first try, where
+  botocore's ``max_attempts`` would count retries only), and each batch waits at most ``deadline_s`` for its
   calls: a lookup of a whole list takes at most about one deadline even if S3 hangs. Calls still running
   then are abandoned (their result still informs the breaker) and their keys count as misses.
 - A :class:`Breaker` per operation skips S3 after repeated faults (a skipped batch costs nothing); GET and
@@ -108,7 +109,8 @@ class S3Tier:
         config = Config(
             connect_timeout=self.connect_timeout_s,
             read_timeout=self.read_timeout_s,
-            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first try ("max_attempts" would count retries: one more call).
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             max_pool_connections=self.workers,
         )
         # A session per tier: boto3's default session is not thread-safe to create clients from.
