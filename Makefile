@@ -24,7 +24,7 @@ CLIP_MODEL_SRC ?= models/clip-tiny
 FUNCTION ?= EmbedTextFunction
 EVENT ?= events/embed_text.http-api.json
 
-.PHONY: help serve test lint bench bench-cold-start models-b32 setup setup-dev clean \
+.PHONY: help serve test test-fast check lint bench bench-cold-start models-b32 setup setup-test setup-dev clean \
 	sam-setup sam-validate sam-build sam-deploy sam-invoke sam-sizes
 
 help: ## list the targets
@@ -39,10 +39,16 @@ $(VENV)/.serve: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e '.[serve]'
 	@touch $@
 
-# Everything the tests need: export tooling (torch CPU, pinned), the reference tokenizer, the SDK venv.
-$(VENV)/.dev: pyproject.toml $(VENV)/.serve
-	$(PIP) install -e '.[serve,dev,export]'
+# The light test environment (`make test-fast`): test tools, linters and stubs, the references that need no
+# torch (transformers' image processor, scikit-image's photos, the reference tokenizers).
+$(VENV)/.test: pyproject.toml $(VENV)/.serve
+	$(PIP) install -e '.[serve,test]'
 	$(PIP) install --no-deps $(NO_DEPS_PKGS)
+	@touch $@
+
+# Everything the tests need: the above, export tooling (torch CPU, pinned). The SDK venv is its own target.
+$(VENV)/.dev: pyproject.toml $(VENV)/.test
+	$(PIP) install -e '.[serve,dev,export]'
 	@touch $@
 
 # Roboflow's client in its own venv: it pins numpy/pillow versions that would otherwise replace ours.
@@ -58,17 +64,29 @@ $(SAM_VENV)/.installed: Makefile
 	@touch $@
 
 setup: $(VENV)/.serve ## create the runtime environment
+setup-test: $(VENV)/.test ## the runtime + the light test environment (no torch, SDK or SAM venvs)
 setup-dev: $(VENV)/.dev $(SDK_VENV)/.installed $(SAM_VENV)/.installed ## create the full development environment
 
 serve: $(VENV)/.serve ## run the API locally on $(HOST):$(PORT) (model: CLIP_MODEL_DIR, default the demo model)
 	CLIP_MODEL_DIR=$(CLIP_MODEL_DIR) $(PY) -m clip_serverless.api.local --host $(HOST) --port $(PORT)
 
-test: setup-dev ## run the whole test suite
+# `make check` first: CI runs `make test`, so a lint or type error fails it before the tests run.
+test: setup-dev check ## ruff, mypy --strict, then the whole test suite (no marker deselects anything)
 	CLIP_SDK_PYTHON=$(SDK_VENV)/bin/python $(PY) -m pytest
 
-lint: $(VENV)/.dev ## ruff and mypy
+# The markers are registered in pyproject.toml; a test this selects that cannot run fails (--fail-on-skip),
+# it is never skipped.
+FAST_TESTS := not (torch or sam or sdk or lambda312)
+test-fast: $(VENV)/.test ## the tests that need neither torch, SAM, the SDK venv nor Python 3.12 (< 1 min)
+	$(PY) -m pytest -p tests.fail_on_skip --fail-on-skip -m "$(FAST_TESTS)"
+
+# mypy needs the full environment: the tests' and export tooling's imports (torch, transformers, onnx) are
+# typed packages, checked as installed.
+check: $(VENV)/.dev ## ruff, then mypy --strict over layers/ infra/ bench/ events/ functions/ tests/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+lint: check ## the same as check
 
 B32 := build/models/ViT-B-32-synthetic
 

@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +383,7 @@ def build_model(src: Path, towers: Iterable[str], out: Path) -> Path:
     return dest
 
 
-def link_or_copy(src: Path, dest: Path) -> None:
+def link_or_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
     """Hard-link when possible: a fp32 tower is hundreds of MB, and the build tree is throw-away."""
     try:
         os.link(src, dest)
@@ -391,10 +391,10 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def copy_tree(src: Path, dest: Path, ignore: object = None) -> None:
+def copy_tree(src: Path, dest: Path, ignore: Callable[[str, list[str]], Iterable[str]] | None = None) -> None:
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(src, dest, ignore=ignore, copy_function=link_or_copy)  # type: ignore[arg-type]
+    shutil.copytree(src, dest, ignore=ignore, copy_function=link_or_copy)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -129,7 +129,7 @@ def _quote(value: str) -> str:
 
 
 # ---- the built template -----------------------------------------------------------------------------
-class _TemplateLoader(yaml.SafeLoader):  # type: ignore[misc]
+class _TemplateLoader(yaml.SafeLoader):
     """CloudFormation YAML: short intrinsic tags (!Ref, !If, ...) become ``{"Fn::X": ...}``-like dicts."""
 
 
@@ -140,6 +140,7 @@ def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[st
     elif isinstance(node, yaml.SequenceNode):
         value = loader.construct_sequence(node, deep=True)
     else:
+        assert isinstance(node, yaml.MappingNode), node
         value = loader.construct_mapping(node, deep=True)
     return {name: value}
 

@@ -36,6 +36,7 @@ from lambda_runtime import (  # noqa: E402
 )
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
+pytestmark = [pytest.mark.sam, pytest.mark.lambda312]  # sam build, then the functions under python3.12
 EVENTS = REPO / "events"
 TEST_BUILD = REPO / "build" / "sam-test"
 MiB = 1024 * 1024

@@ -136,6 +136,7 @@ def elf_machine(path: Path) -> str:
     return ELF_MACHINE[struct.unpack("<H", header[18:20])[0]]
 
 
+@pytest.mark.lambda312
 def test_core_layer(samcli: Path, build_env: dict[str, str]) -> None:
     artifacts, _ = make_layer(samcli, build_env, "CoreLayer")
     package = artifacts / "python" / "clip_serverless"
@@ -148,6 +149,7 @@ def test_core_layer(samcli: Path, build_env: dict[str, str]) -> None:
     ("ModelTextLayer", {"manifest.json", "textual.onnx", "tokenizer.json"}, "visual.onnx"),
     ("ModelVisualLayer", {"manifest.json", "visual.onnx"}, "textual.onnx"),
 ])
+@pytest.mark.lambda312
 def test_model_layers_ship_their_tower_and_warn_about_the_demo_model(samcli: Path, build_env: dict[str, str],
                                                                      logical_id: str, files: set[str],
                                                                      absent: str) -> None:
@@ -163,6 +165,7 @@ def test_model_layers_ship_their_tower_and_warn_about_the_demo_model(samcli: Pat
     assert "WARNING" in stdout and "DEMO MODEL clip/tiny-shapes" in stdout and "clip_export pretrained" in stdout
 
 
+@pytest.mark.lambda312
 @pytest.mark.parametrize(("logical_id", "arch", "modules"), [
     ("DepsTextLayer", "x86_64", {"ftfy", "wcwidth", "typing_extensions"}),
     ("DepsImageLayer", "arm64", {"pydantic_core", "annotated_types"}),
@@ -182,6 +185,7 @@ def test_dependency_layers(samcli: Path, build_env: dict[str, str], logical_id: 
     assert "build_layer: pip of " in stdout
 
 
+@pytest.mark.lambda312
 def test_a_read_only_mount_builds_without_the_cache(samcli: Path, build_env: dict[str, str]) -> None:
     """The container mounts the root read-only: the deps cache (build/layer-cache under it) is skipped.
 

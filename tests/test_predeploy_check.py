@@ -233,12 +233,13 @@ def test_the_command_runs_with_the_overrides_only_when_the_check_passes(tmp_path
     assert "--parameter-overrides" not in refused.stdout  # the command did not run
 
 
-def sam_python() -> Path | None:
+def sam_python() -> Path:
     import os
 
     sam = Path(os.environ.get("CLIP_SAM") or REPO / ".venv-sam" / "bin" / "sam")
     python = sam.parent / "python"
-    return python if python.exists() else None
+    assert python.exists(), f"the SAM CLI's Python ({python}) is missing: `make sam-setup` installs it"
+    return python
 
 
 OVERRIDE_CASES = [
@@ -251,10 +252,9 @@ OVERRIDE_CASES = [
 ]
 
 
+@pytest.mark.sam
 def test_overrides_are_parsed_as_the_sam_cli_parses_them() -> None:
     python = sam_python()
-    if python is None:
-        pytest.skip("the SAM CLI's Python (.venv-sam) is not installed: make sam-setup")
     script = textwrap.dedent("""
         import json, sys
         from samcli.cli.types import CfnParameterOverridesType

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.sam
+
 REPO = Path(__file__).resolve().parents[1]
 ENVS = {  # env: (source template, build directory)
     "default": ("template.yaml", ".aws-sam/build"),

@@ -14,10 +14,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, shape_png
+
+pytestmark = pytest.mark.sdk
 
 SDK_PYTHON = os.environ.get("CLIP_SDK_PYTHON", str(REPO / ".venv-sdk" / "bin" / "python"))
 
@@ -67,7 +70,8 @@ def server(tiny_model_path: Path) -> Iterator[str]:
         proc.wait(10)
 
 
-def run_sdk(*args: str) -> dict[str, object]:
+def run_sdk(*args: str) -> dict[str, Any]:
+    """run_sdk_calls.py's JSON summary (values as JSON made them: lists, dicts, numbers, strings)."""
     assert Path(SDK_PYTHON).exists(), f"{SDK_PYTHON} missing: `make test` creates the SDK venv"
     out = subprocess.run([SDK_PYTHON, str(REPO / "tests" / "sdk" / "run_sdk_calls.py"), *args],
                          capture_output=True, text=True, timeout=300)
@@ -77,7 +81,7 @@ def run_sdk(*args: str) -> dict[str, object]:
 
 def test_inference_sdk_works_unchanged(server: str, images: tuple[str, str]) -> None:
     r = run_sdk(server, *images)
-    dim = r["text_str"][1][0]  # type: ignore[index]
+    dim = r["text_str"][1][0]
     assert r["image_path"] == r["image_numpy"] == r["image_pil"] == [[1], [dim]]
     assert r["image_list"] == [[1, 1, 1], [dim] * 3]
     assert r["image_keys"] == ["embeddings", "frame_id", "inference_id", "time"]
@@ -95,7 +99,7 @@ def test_inference_sdk_works_unchanged(server: str, images: tuple[str, str]) -> 
     assert r["async_image"] == [[1], [dim]] and r["async_images"] == [[1, 1], [dim, dim]]
     assert r["async_text"] == [[3], [dim]]
     assert r["async_compare"] == pytest.approx(sims, abs=1e-6)
-    status, message = r["unknown_version"]  # type: ignore[misc]
+    status, message = r["unknown_version"]
     assert status == 404 and "ViT-L-14" in message
 
 
@@ -103,7 +107,7 @@ def test_inference_sdk_with_an_api_key(tiny_model_path: Path, images: tuple[str,
     proc, url = start_server(tiny_model_path, CLIP_API_KEY="sdk-secret")
     try:
         r = run_sdk(url, *images, "sdk-secret")
-        assert r["text_list"][0] == [3]  # type: ignore[index]
+        assert r["text_list"][0] == [3]
         refused = subprocess.run(
             [SDK_PYTHON, "-c", "import sys; from inference_sdk import InferenceHTTPClient as C; "
              "from inference_sdk.http.errors import HTTPCallErrorError as E\n"

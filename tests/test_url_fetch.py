@@ -9,18 +9,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import time
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from clip_serverless.api import url_fetch
 from clip_serverless.api.url_fetch import UrlFetchError, UrlPolicy, fetch_image_url, is_public_address
 
-from tests.http_servers import drip, http_server, send, silent_server
+from tests.http_servers import Route, drip, http_server, send, silent_server
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
 
-def stub_resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+def stub_resolver(table: dict[str, list[str]]) -> url_fetch.Resolver:
     def resolve(host: str, port: int) -> list[str]:
         if host not in table:
             raise OSError("no such host")
@@ -29,14 +31,13 @@ def stub_resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
     return resolve
 
 
-def policy(table: dict[str, list[str]], **overrides: object) -> UrlPolicy:
+def policy(table: dict[str, list[str]], **overrides: Any) -> UrlPolicy:
     """http allowed (the test server has no TLS) and 127.0.0.1 allowed; every other address is checked for real."""
-    base: dict[str, object] = dict(
+    base = UrlPolicy(
         allow_http=True, resolve=stub_resolver(table),
         address_allowed=lambda a: a == LOOPBACK or is_public_address(a),
         connect_timeout=1.0, read_timeout=1.0, total_timeout=3.0, max_redirects=3)
-    base.update(overrides)
-    return UrlPolicy(**base)  # type: ignore[arg-type]
+    return dataclasses.replace(base, **overrides)
 
 
 @pytest.mark.parametrize("address", [
@@ -157,7 +158,7 @@ def test_error_statuses_are_reported(status: int) -> None:
 
 
 def test_size_cap_by_header_and_while_streaming() -> None:
-    def chunked(h):  # type: ignore[no-untyped-def]
+    def chunked(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
@@ -165,7 +166,7 @@ def test_size_cap_by_header_and_while_streaming() -> None:
             h.wfile.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
         h.wfile.write(b"0\r\n\r\n")
 
-    routes = {"/big": lambda h: send(h, 200, b"x" * 5000), "/chunked": chunked}
+    routes: dict[str, Route] = {"/big": lambda h: send(h, 200, b"x" * 5000), "/chunked": chunked}
     table = {"public.example.com": ["127.0.0.1"]}
     with http_server(routes) as (port, _):
         with pytest.raises(UrlFetchError, match="larger than 4096 bytes"):

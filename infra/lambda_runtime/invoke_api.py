@@ -86,8 +86,11 @@ class LambdaService:
     """Serves Invoke for registered functions (by logical id; ARNs and qualifiers are accepted)."""
 
     def __init__(self, workdir: Path | None = None) -> None:
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="lambda-service-")
-        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="lambda-service-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
         self.pools: dict[str, _Pool] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True

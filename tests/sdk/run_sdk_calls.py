@@ -7,6 +7,7 @@ files. Usage: run_sdk_calls.py URL RED_CIRCLE.png BLUE_SQUARE.png [API_KEY]
 import asyncio
 import json
 import sys
+from typing import Any
 
 import cv2
 from inference_sdk import InferenceHTTPClient
@@ -14,7 +15,7 @@ from inference_sdk.http.errors import HTTPCallErrorError
 from PIL import Image
 
 
-def shape(result):
+def shape(result: Any) -> tuple[list[int], list[int]]:
     """Rows of embeddings in an SDK result (a dict, or a list of dicts for several images)."""
     items = result if isinstance(result, list) else [result]
     return [len(item["embeddings"]) for item in items], [len(item["embeddings"][0]) for item in items]
@@ -27,7 +28,7 @@ def main() -> None:
     red_np = cv2.imread(red_path)  # BGR, as the SDK assumes for arrays
     blue_pil = Image.open(blue_path).convert("RGB")
     captions = ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green star."]
-    out = {}
+    out: dict[str, Any] = {}
 
     out["image_path"] = shape(client.get_clip_image_embeddings(inference_input=red_path))
     out["image_numpy"] = shape(client.get_clip_image_embeddings(inference_input=red_np))
@@ -51,7 +52,7 @@ def main() -> None:
     compare_full = client.clip_compare(subject=red_np, prompt=captions)
     out["compare_keys"] = sorted(compare_full)
 
-    async def run_async():
+    async def run_async() -> dict[str, Any]:
         image = await client.get_clip_image_embeddings_async(inference_input=red_path)
         images = await client.get_clip_image_embeddings_async(inference_input=[red_path, blue_pil])
         text = await client.get_clip_text_embeddings_async(text=captions)
