@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "layers" / "core"))
 
-from clip_serverless.cache import EmbeddingCache, ModelIdentity, codec, embed_cached  # noqa: E402
+from clip_serverless.cache import EmbeddingCache, Entry, ModelIdentity, codec, embed_cached  # noqa: E402
 from clip_serverless.cache.memory import MemoryTier  # noqa: E402
 from clip_serverless.cache.s3 import S3Tier  # noqa: E402
 
@@ -124,7 +124,8 @@ def bench_cache_paths(repeats: int, moto_in_process: bool) -> dict[str, float]:
     vector = np.random.default_rng(1).standard_normal(DIM).astype(np.float32)
     out: dict[str, float] = {}
 
-    cache = EmbeddingCache(model, memory=MemoryTier(64 << 20))
+    memory = MemoryTier(64 << 20)
+    cache = EmbeddingCache(model, [memory])
     label = f"key: sha256 of a {len(jpeg) // 1024} KB JPEG"
     out[label] = median_ms(lambda: cache.key("image", jpeg), repeats)
     ids = np.array([49406, 320, 1125, 539, 320, 2368, 49407], dtype="<i8").tobytes()
@@ -135,30 +136,30 @@ def bench_cache_paths(repeats: int, moto_in_process: bool) -> dict[str, float]:
     out["codec encode"] = median_ms(lambda: codec.encode(key, model.model_id, vector), repeats)
     out["codec verify + decode"] = median_ms(lambda: codec.decode(blob, key=key, model_id=model.model_id,
                                                                   dim=DIM), repeats)
-    cache.memory.put(key, vector)  # type: ignore[union-attr]
+    memory.put(key, vector)
     out["memory hit via embed_cached"] = median_ms(
         lambda: embed_cached(cache, [key], lambda idx: np.zeros((len(idx), DIM), np.float32),
                              modality="image"), repeats)
 
     with moto_endpoint(moto_in_process) as url:
-        tier = S3Tier("bench-cache", "embeddings/", endpoint_url=url, region="us-east-1")
+        tier = S3Tier("bench-cache", "embeddings/", endpoint_url=url, region="us-east-1",
+                      policy={"image": 1, "text": 1})
         tier.client.create_bucket(Bucket="bench-cache")
         keys = [cache.key("image", jpeg + bytes([i])) for i in range(8)]
-        blobs = {k: codec.encode(k, model.model_id, vector) for k in keys}
-        tier.put_many(blobs)
+        tier.put_many({k: Entry(vector, codec.encode(k, model.model_id, vector)) for k in keys})
         missing = [cache.key("image", jpeg + b"missing" + bytes([i])) for i in range(8)]
         counter = iter(range(10**9))
 
-        def fresh(n: int) -> dict[str, bytes]:
+        def fresh(n: int) -> dict[str, Entry]:
             i = next(counter)
-            return {cache.key("image", b"put%d-%d" % (i, j)): blob for j in range(n)}
+            return {cache.key("image", b"put%d-%d" % (i, j)): Entry(vector, blob) for j in range(n)}
 
         out["S3 (moto HTTP) GET hit, 1 key"] = median_ms(lambda: tier.get_many(keys[:1]), repeats)
         out["S3 (moto HTTP) GET hit, 8 keys concurrently"] = median_ms(lambda: tier.get_many(keys), repeats)
         out["S3 (moto HTTP) GET miss (404), 1 key"] = median_ms(lambda: tier.get_many(missing[:1]), repeats)
         out["S3 (moto HTTP) PUT, 1 key"] = median_ms(lambda: tier.put_many(fresh(1)), repeats)
         out["S3 (moto HTTP) PUT, 8 keys concurrently"] = median_ms(lambda: tier.put_many(fresh(8)), repeats)
-        s3_cache = EmbeddingCache(model, memory=None, s3=tier, s3_policy={"image": 1, "text": 1})
+        s3_cache = EmbeddingCache(model, [tier])
         out["S3 (moto HTTP) hit via embed_cached, 1 key"] = median_ms(
             lambda: embed_cached(s3_cache, keys[:1], lambda idx: np.zeros((len(idx), DIM), np.float32),
                                  modality="image"), repeats)

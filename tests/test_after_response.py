@@ -28,6 +28,7 @@ from clip_serverless.aws_lambda import after_response as ar
 from clip_serverless.cache import EmbeddingCache, ModelIdentity, embed_cached
 from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
+from clip_serverless.cache.tier import WriteMode
 
 from tests.lambda_events import FakeContext
 
@@ -194,9 +195,8 @@ class SlowS3Client:
 
 def slow_cache(put_seconds: float = PUT_SECONDS) -> tuple[EmbeddingCache, SlowS3Client]:
     client = SlowS3Client(put_seconds)
-    tier = S3Tier("bucket", "p/", deadline_s=BOUND, client_factory=lambda: client)
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), s3=tier, s3_policy={"image": 1, "text": 1},
-                           write_mode="sync")
+    tier = S3Tier("bucket", "p/", deadline_s=BOUND, client_factory=lambda: client, policy={"image": 1, "text": 1})
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20), tier], write_mode="sync")
     return cache, client
 
 
@@ -214,7 +214,7 @@ def image_handler(cache: EmbeddingCache) -> Callable[[dict[str, Any], Any], dict
         payload = event["image"].encode()
         _, stats = embed_cached(cache, [cache.key("image", payload)],
                                  lambda idx: np.ones((len(idx), DIM), np.float32), modality="image")
-        return {"statusCode": 200, "misses": stats.misses, "s3_writes": stats.s3_writes}
+        return {"statusCode": 200, "misses": stats.misses, "s3_writes": stats.tier("s3").writes}
 
     return handler
 
@@ -228,13 +228,21 @@ def run_invocation(api: FakeLambdaApi, handler: Callable[[dict[str, Any], Any], 
     return result, time.monotonic()
 
 
+def noop(event: Any, context: Any) -> None:
+    """A handler that does nothing (what the extension sees of it is its start and end)."""
+
+
+def answer_42(event: Any, context: Any) -> int:
+    return 42
+
+
 class FakeDrainable:
     """A cache stand-in whose drain takes ``seconds``; records when drains started and ended."""
 
-    s3 = object()
+    has_remote_tiers = True
 
     def __init__(self, seconds: float = 0.0) -> None:
-        self.write_mode: ar.WriteMode = "sync"
+        self.write_mode: WriteMode = "sync"
         self.seconds = seconds
         self.drains: list[tuple[float, float, float]] = []  # (start, end, timeout)
 
@@ -338,7 +346,7 @@ def test_the_end_signal_is_not_lost_when_the_handler_finishes_first(lambda_api: 
     cache = FakeDrainable()
     assert ar.install(cache, lambda_api.env())
     lambda_api.wait_for_nexts(1)
-    ar.after_response(lambda e, c: None)({}, Context("early"))
+    ar.after_response(noop)({}, Context("early"))
     start = time.monotonic()
     lambda_api.invoke("early")
     nexts = lambda_api.wait_for_nexts(2)
@@ -350,11 +358,11 @@ def test_a_stale_signal_does_not_release_the_next_invocation(lambda_api: FakeLam
     cache = FakeDrainable()
     assert ar.install(cache, lambda_api.env())
     lambda_api.wait_for_nexts(1)
-    ar.after_response(lambda e, c: None)({}, Context("other-request"))
+    ar.after_response(noop)({}, Context("other-request"))
     lambda_api.invoke("this-request")
     time.sleep(0.3)
     assert len(lambda_api.nexts()) == 1 and cache.drains == []
-    ar.after_response(lambda e, c: None)({}, Context("this-request"))
+    ar.after_response(noop)({}, Context("this-request"))
     lambda_api.wait_for_nexts(2)
     assert len(cache.drains) == 1
 
@@ -391,7 +399,7 @@ def test_no_lambda_no_s3_or_explicit_sync_means_no_registration(lambda_api: Fake
     assert not ar.install(cache, {})  # not on Lambda
     assert not ar.install(cache, {"AWS_LAMBDA_FUNCTION_NAME": "f"})  # no runtime API
     assert not ar.install(cache, lambda_api.env(CLIP_CACHE_S3_WRITE="sync"))  # the operator's choice
-    memory_only = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+    memory_only = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     assert not ar.install(memory_only, lambda_api.env())  # nothing to write after the response
     assert lambda_api.calls == [] and cache.write_mode == "sync"
     assert not ar.install(cache, {"AWS_LAMBDA_FUNCTION_NAME": "f", "AWS_LAMBDA_RUNTIME_API": "no-port"})
@@ -415,13 +423,13 @@ def test_failing_event_next_falls_back_to_sync_and_ends_the_thread(lambda_api: F
     lambda_api.next_status = 500  # "container error: the extension should exit promptly"
     with caplog.at_level(logging.WARNING, logger="clip_serverless.cache"):
         lambda_api.invoke("r1")
-        ar.after_response(lambda e, c: None)({}, Context("r1"))
+        ar.after_response(noop)({}, Context("r1"))
         extension.thread.join(BOUND)
     assert not extension.thread.is_alive()
     assert cache.write_mode == "sync" and not extension.active
     assert caplog.text.count("S3 writes are synchronous again") == 1
     # A handler still works (and signalling a dead extension is harmless).
-    assert ar.after_response(lambda e, c: 42)({}, Context("r2")) == 42
+    assert ar.after_response(answer_42)({}, Context("r2")) == 42
 
 
 def test_shutdown_ends_the_thread_and_restores_sync(lambda_api: FakeLambdaApi) -> None:
@@ -452,28 +460,21 @@ def test_one_extension_per_process_drains_every_cache(lambda_api: FakeLambdaApi)
     assert len(registers) == 1
     lambda_api.wait_for_nexts(1)
     lambda_api.invoke("r")
-    ar.after_response(lambda e, c: None)({}, Context("r"))
+    ar.after_response(noop)({}, Context("r"))
     lambda_api.wait_for_nexts(2)
     assert len(first.drains) == 1 and len(second.drains) == 1
 
 
+@pytest.mark.usefixtures("fake_aws_credentials")  # moto only: never real credentials
 def test_the_lambda_handler_writes_s3_after_the_response(lambda_api: FakeLambdaApi, tiny_model_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """End to end: a function module (handler_for) on "Lambda", S3 on a moto server."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from tests.handlers import load_function
     from tests.lambda_events import http_api_event, response_json
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")  # moto only: never real credentials
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
+    url = moto_server
     s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
     s3.create_bucket(Bucket="after-response")
     env = lambda_api.env(CLIP_MODEL_DIR=str(tiny_model_path), CLIP_CACHE="on", CLIP_CACHE_BUCKET="after-response",
@@ -493,7 +494,6 @@ def test_the_lambda_handler_writes_s3_after_the_response(lambda_api: FakeLambdaA
         assert [item["Key"] for item in listing.get("Contents", []) if "/text/" in item["Key"]], listing
     finally:
         ar.uninstall()
-        server.stop()
 
 
 def _closed_port() -> int:

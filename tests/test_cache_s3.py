@@ -5,7 +5,6 @@ that accepts and never answers. Every request must still be answered, correctly 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import socket
@@ -19,36 +18,17 @@ from typing import Any, ClassVar
 import boto3
 import numpy as np
 import pytest
-from clip_serverless.cache import EmbeddingCache, Modality, ModelIdentity, codec, embed_cached
+from clip_serverless.cache import CacheStats, EmbeddingCache, Modality, ModelIdentity, codec, embed_cached
 from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
-from clip_serverless.cache.stats import CacheStats
 from moto import mock_aws
 
-DIM = 16
+from tests.cache_helpers import DIM, CountingCompute, entry, expected, hammer, vector_for
+
 MODEL = ModelIdentity(model_id="clip/ViT-B-32", digest="ab" * 32, embed_dim=DIM)
 BOTH: dict[Modality, int | None] = {"image": 1, "text": 1}
 _names = itertools.count()
-
-
-def vector_for(payload: bytes) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(payload).digest()[:8], "little")
-    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
-
-
-def expected(payloads: Sequence[bytes]) -> np.ndarray:
-    return np.stack([vector_for(p) for p in payloads])
-
-
-class CountingCompute:
-    def __init__(self, payloads: Sequence[bytes]) -> None:
-        self.payloads = payloads
-        self.calls: list[list[int]] = []
-
-    def __call__(self, indices: Sequence[int]) -> np.ndarray:
-        self.calls.append(list(indices))
-        rows = [vector_for(self.payloads[i]) for i in indices]
-        return np.stack(rows) if rows else np.zeros((0, DIM), np.float32)
+pytestmark = pytest.mark.usefixtures("fake_aws_credentials")  # nothing real is ever read or used
 
 
 def run(cache: EmbeddingCache, payloads: Sequence[bytes], modality: str = "image",
@@ -58,24 +38,6 @@ def run(cache: EmbeddingCache, payloads: Sequence[bytes], modality: str = "image
     start = time.perf_counter()
     out, stats = embed_cached(cache, keys, compute, modality=modality)  # type: ignore[arg-type]
     return out, stats, compute, time.perf_counter() - start
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake credentials so nothing real is ever read or used."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-
-
-@pytest.fixture(scope="module")
-def moto_url(moto_server: str) -> str:
-    return moto_server
 
 
 @dataclass
@@ -92,7 +54,9 @@ class Backend:
         return name
 
     def tier(self, bucket: str, **kwargs: Any) -> S3Tier:
-        options: dict[str, Any] = {"connect_timeout_s": 0.5, "read_timeout_s": 1.0, "deadline_s": 3.0}
+        """An S3 tier consulted for one miss of either modality, unless ``policy`` says otherwise."""
+        options: dict[str, Any] = {"connect_timeout_s": 0.5, "read_timeout_s": 1.0, "deadline_s": 3.0,
+                                   "policy": BOTH}
         options.update(kwargs)
         tier = S3Tier(bucket, "embeddings/", endpoint_url=self.endpoint, **options)
         self.tiers.append(tier)
@@ -100,8 +64,7 @@ class Backend:
 
     def cache(self, tier: S3Tier, model: ModelIdentity = MODEL, **kwargs: Any) -> EmbeddingCache:
         """A fresh cache (a new container: empty memory) on a shared S3 tier."""
-        kwargs.setdefault("s3_policy", BOTH)
-        return EmbeddingCache(model, memory=MemoryTier(1 << 20), s3=tier, **kwargs)
+        return EmbeddingCache(model, [MemoryTier(1 << 20), tier], **kwargs)
 
 
 @pytest.fixture(params=["mock_aws", "moto_server"])
@@ -113,7 +76,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             for tier in b.tiers:
                 tier.close()
     else:
-        b = Backend(endpoint=request.getfixturevalue("moto_url"))
+        b = Backend(endpoint=request.getfixturevalue("moto_server"))
         yield b
         for tier in b.tiers:
             tier.close()
@@ -125,11 +88,11 @@ def test_miss_then_hit_from_another_container(backend: Backend) -> None:
     payloads = [b"img-1", b"img-2", b"img-3"]
     out1, stats1, compute1, _ = run(backend.cache(tier), payloads)
     assert compute1.calls == [[0, 1, 2]]
-    assert (stats1.misses, stats1.s3_lookups, stats1.s3_writes, stats1.errors) == (3, 3, 3, 0)
+    assert (stats1.misses, stats1.tier("s3").lookups, stats1.tier("s3").writes, stats1.errors) == (3, 3, 3, 0)
 
     out2, stats2, compute2, _ = run(backend.cache(tier), payloads)
     assert compute2.calls == []  # the model never ran
-    assert (stats2.s3_hits, stats2.misses, stats2.s3_writes) == (3, 0, 0)
+    assert (stats2.tier("s3").hits, stats2.misses, stats2.tier("s3").writes) == (3, 0, 0)
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_array_equal(out2, expected(payloads))
 
@@ -147,7 +110,7 @@ def test_s3_hit_is_promoted_to_memory(backend: Backend) -> None:
     cache = backend.cache(tier)
     _, first, _, _ = run(cache, [b"x"])
     _, second, _, _ = run(cache, [b"x"])
-    assert (first.s3_hits, second.memory_hits, second.s3_lookups) == (1, 1, 0)
+    assert (first.tier("s3").hits, second.tier("memory").hits, second.tier("s3").lookups) == (1, 1, 0)
 
 
 def test_corrupted_object_is_recomputed_and_overwritten(backend: Backend) -> None:
@@ -162,7 +125,7 @@ def test_corrupted_object_is_recomputed_and_overwritten(backend: Backend) -> Non
 
     out, stats, compute, _ = run(backend.cache(tier), payloads)
     assert compute.calls == [[1]]
-    assert (stats.s3_hits, stats.corrupt, stats.misses, stats.s3_writes) == (2, 1, 1, 1)
+    assert (stats.tier("s3").hits, stats.corrupt, stats.misses, stats.tier("s3").writes) == (2, 1, 1, 1)
     np.testing.assert_array_equal(out, expected(payloads))
     healed = client.get_object(Bucket=tier.bucket, Key=victim)["Body"].read()
     key = victim.removeprefix("embeddings/")
@@ -185,7 +148,7 @@ def test_a_different_model_digest_misses(backend: Backend) -> None:
     run(backend.cache(tier), [b"a"])
     reexported = ModelIdentity(MODEL.model_id, "cd" * 32, DIM)
     _, stats, compute, _ = run(backend.cache(tier, model=reexported), [b"a"])
-    assert compute.calls == [[0]] and stats.s3_hits == 0 and stats.misses == 1
+    assert compute.calls == [[0]] and stats.tier("s3").hits == 0 and stats.misses == 1
 
 
 def test_a_list_with_some_hits_keeps_input_order(backend: Backend) -> None:
@@ -194,22 +157,22 @@ def test_a_list_with_some_hits_keeps_input_order(backend: Backend) -> None:
     payloads = [b"a", b"b", b"c", b"a", b"d", b"e"]
     out, stats, compute, _ = run(backend.cache(tier), payloads)
     assert compute.calls == [[0, 2, 5]]
-    assert (stats.s3_hits, stats.misses, stats.s3_writes) == (2, 3, 3)
+    assert (stats.tier("s3").hits, stats.misses, stats.tier("s3").writes) == (2, 3, 3)
     np.testing.assert_array_equal(out, expected(payloads))
 
 
 def test_text_policy_keeps_single_prompts_off_s3(backend: Backend) -> None:
-    tier = backend.tier(backend.bucket())
-    cache = backend.cache(tier, s3_policy={"image": 1, "text": 4})
+    tier = backend.tier(backend.bucket(), policy={"image": 1, "text": 4})
+    cache = backend.cache(tier)
     few = [b"t1", b"t2"]
     _, stats, _, _ = run(cache, few, modality="text")
-    assert stats.s3_skipped == "policy" and stats.s3_lookups == 0 and stats.s3_writes == 0
+    assert stats.tier("s3").skipped == "policy" and stats.tier("s3").lookups == 0 and stats.tier("s3").writes == 0
     many = [b"t3", b"t4", b"t5", b"t6"]
     _, stats, _, _ = run(cache, many, modality="text")
-    assert stats.s3_lookups == 4 and stats.s3_writes == 4
+    assert stats.tier("s3").lookups == 4 and stats.tier("s3").writes == 4
     # Another container asking for the whole list gets it from S3 (the two memory-only ones are computed).
-    out, stats, compute, _ = run(backend.cache(tier, s3_policy={"image": 1, "text": 4}), few + many, "text")
-    assert stats.s3_hits == 4 and compute.calls == [[0, 1]]
+    out, stats, compute, _ = run(backend.cache(tier), few + many, "text")
+    assert stats.tier("s3").hits == 4 and compute.calls == [[0, 1]]
     np.testing.assert_array_equal(out, expected(few + many))
 
 
@@ -217,34 +180,26 @@ def test_background_writes_land(backend: Backend) -> None:
     tier = backend.tier(backend.bucket())
     writer = backend.cache(tier, write_mode="background")
     _, stats, _, _ = run(writer, [b"bg-1", b"bg-2"])
-    assert stats.s3_writes == 0  # not waited for
+    assert stats.tier("s3").writes == 0  # not waited for
     assert writer.drain(5.0)
     assert backend.client().list_objects_v2(Bucket=tier.bucket)["KeyCount"] == 2
     _, stats, compute, _ = run(backend.cache(tier), [b"bg-1", b"bg-2"])
-    assert stats.s3_hits == 2 and compute.calls == []
+    assert stats.tier("s3").hits == 2 and compute.calls == []
 
 
 def test_concurrent_requests_for_the_same_keys(backend: Backend) -> None:
     tier = backend.tier(backend.bucket())
     payloads = [b"hot-1", b"hot-2", b"hot-1", b"hot-3"]
     want = expected(payloads)
-    errors: list[BaseException] = []
     fault_counts: list[int] = []
 
     def container() -> None:
-        try:
-            for _ in range(5):
-                out, stats, _, _ = run(backend.cache(tier), payloads)  # a new container each time
-                np.testing.assert_array_equal(out, want)
-                fault_counts.append(stats.errors + stats.corrupt)
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(5):
+            out, stats, _, _ = run(backend.cache(tier), payloads)  # a new container each time
+            np.testing.assert_array_equal(out, want)
+            fault_counts.append(stats.errors + stats.corrupt)
 
-    threads = [threading.Thread(target=container) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = hammer(container, 6)
     assert not errors and fault_counts == [0] * 30
     client = backend.client()
     for p in set(payloads):
@@ -278,7 +233,7 @@ def test_missing_bucket(backend: Backend, caplog: pytest.LogCaptureFixture) -> N
     payloads = [b"a", b"b", b"c"]
     out, stats, compute, elapsed = run(backend.cache(tier), payloads)
     assert_answered_from_computation(stats, out, compute, payloads, elapsed, bound=3.0)
-    assert stats.s3_writes == 0  # no write attempt after a failed read
+    assert stats.tier("s3").writes == 0  # no write attempt after a failed read
     lines = fault_lines(caplog, "NoSuchBucket")
     assert len(lines) == 1 and "3 of 3" in lines[0], lines
 
@@ -319,7 +274,7 @@ def test_breaker_opens_skips_and_recovers_after_a_probe(caplog: pytest.LogCaptur
         assert fault_lines(caplog, "GET disabled for 30 s")
 
         _, stats, compute, elapsed = run(backend.cache(tier), [b"warm", b"d"])
-        assert stats.s3_skipped == "breaker-open" and stats.s3_lookups == 0 and stats.errors == 0
+        assert stats.tier("s3").skipped == "breaker-open" and stats.tier("s3").lookups == 0 and stats.errors == 0
         assert compute.calls == [[0, 1]] and elapsed < 0.5
 
         now[0] = 31.0  # cool-down over; the probe fails: open again
@@ -329,7 +284,7 @@ def test_breaker_opens_skips_and_recovers_after_a_probe(caplog: pytest.LogCaptur
         tier.client.meta.events.unregister("before-call.s3.GetObject", unique_id="deny")
         now[0] = 62.0  # next probe succeeds: closed, and the entry written before is a hit
         _, stats, compute, _ = run(backend.cache(tier), [b"warm"])
-        assert stats.s3_hits == 1 and compute.calls == [] and state(tier) == "closed"
+        assert stats.tier("s3").hits == 1 and compute.calls == [] and state(tier) == "closed"
         tier.close()
 
 
@@ -337,8 +292,8 @@ def test_client_creation_failure_is_a_fault(caplog: pytest.LogCaptureFixture) ->
     def factory() -> Any:
         raise ImportError("No module named 'boto3'")
 
-    tier = S3Tier("bucket", client_factory=factory)
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), s3=tier, s3_policy=BOTH)
+    tier = S3Tier("bucket", client_factory=factory, policy=BOTH)
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20), tier])
     out, stats, compute, elapsed = run(cache, [b"a"])
     assert_answered_from_computation(stats, out, compute, [b"a"], elapsed, bound=1.0)
     assert fault_lines(caplog, "client: ImportError")
@@ -420,8 +375,8 @@ def _endpoint_cache(url: str, **kwargs: Any) -> tuple[EmbeddingCache, S3Tier]:
     options: dict[str, Any] = {"connect_timeout_s": 0.2, "read_timeout_s": 0.2, "max_attempts": 2,
                                "deadline_s": 0.5}
     options.update(kwargs)
-    tier = S3Tier("clip-cache", "embeddings/", endpoint_url=url, region="us-east-1", **options)
-    return EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), s3=tier, s3_policy=BOTH), tier
+    tier = S3Tier("clip-cache", "embeddings/", endpoint_url=url, region="us-east-1", policy=BOTH, **options)
+    return EmbeddingCache(MODEL, [MemoryTier(1 << 20), tier]), tier
 
 
 def test_max_attempts_counts_the_first_try() -> None:
@@ -497,14 +452,14 @@ def test_hanging_endpoint_is_bounded_by_the_deadline(silent_endpoint: str,
         _, stats, _, _ = run(cache, [b"d"])
         assert stats.errors == 1
         _, stats, compute, elapsed = run(cache, [b"e"])
-        assert stats.s3_skipped == "breaker-open" and compute.calls == [[0]] and elapsed < 0.2
+        assert stats.tier("s3").skipped == "breaker-open" and compute.calls == [[0]] and elapsed < 0.2
     finally:
         tier.close(wait=False)  # the endpoint fixture's teardown closes the hung connections
 
 
-def test_a_slow_but_working_s3_is_used(moto_url: str) -> None:
+def test_a_slow_but_working_s3_is_used(moto_server: str) -> None:
     """An injected delay below the deadline: S3 is slow, the answer still comes from it."""
-    backend = Backend(endpoint=moto_url)
+    backend = Backend(endpoint=moto_server)
     tier = backend.tier(backend.bucket(), deadline_s=2.0)
 
     def delay(**kwargs: Any) -> None:
@@ -514,12 +469,12 @@ def test_a_slow_but_working_s3_is_used(moto_url: str) -> None:
     tier.client.meta.events.register("before-send.s3.GetObject", delay)
     out, stats, compute, elapsed = run(backend.cache(tier), [b"slow"])
     tier.close()
-    assert stats.s3_hits == 1 and compute.calls == [] and 0.15 <= elapsed < 2.0
+    assert stats.tier("s3").hits == 1 and compute.calls == [] and 0.15 <= elapsed < 2.0
     np.testing.assert_array_equal(out, expected([b"slow"]))
 
 
-def test_a_delay_beyond_the_deadline_is_cut(moto_url: str) -> None:
-    backend = Backend(endpoint=moto_url)
+def test_a_delay_beyond_the_deadline_is_cut(moto_server: str) -> None:
+    backend = Backend(endpoint=moto_server)
     tier = backend.tier(backend.bucket(), deadline_s=0.3)
     release = threading.Event()
 
@@ -550,7 +505,7 @@ def test_background_writes_stay_bounded_when_s3_is_slow(caplog: pytest.LogCaptur
 
     tier = S3Tier("bucket", client_factory=SlowClient, deadline_s=5.0)
     try:
-        results = [tier.put_many({f"k{i}": b"v"}, wait_for_completion=False)
+        results = [tier.put_many({f"k{i}": entry(b"v")}, wait_for_completion=False)
                    for i in range(MAX_QUEUED_WRITE_BATCHES + 5)]
         dropped = sum(r.errors for r in results)
         assert 5 <= dropped <= 6  # the writer thread may already have taken the first batch off the queue
@@ -559,7 +514,7 @@ def test_background_writes_stay_bounded_when_s3_is_slow(caplog: pytest.LogCaptur
         release.set()
         assert tier.drain(5.0)
         assert len(written) == MAX_QUEUED_WRITE_BATCHES + 5 - dropped  # every accepted batch lands
-        assert tier.put_many({"again": b"v"}, wait_for_completion=False).errors == 0  # the queue drained
+        assert tier.put_many({"again": entry(b"v")}, wait_for_completion=False).errors == 0  # the queue drained
     finally:
         release.set()
         tier.close()

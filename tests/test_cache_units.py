@@ -1,4 +1,5 @@
-"""The cache's pieces without S3: keys, codec, memory LRU, disk, breaker, config, metrics, embed_cached."""
+"""The cache's pieces without S3: keys, codec, memory LRU, disk, breaker, config, metrics, embed_cached,
+statistics, and the tier interface through a remote tier that is not S3."""
 
 from __future__ import annotations
 
@@ -7,19 +8,25 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-from clip_serverless.aws_lambda.metrics import EmfEmitter
+from clip_serverless.aws_lambda.metrics import EmfEmitter, emf_observer
 from clip_serverless.cache import (
     CacheConfig,
+    CacheStats,
     EmbeddingCache,
+    Entry,
     ModelIdentity,
+    Tier,
+    TierResult,
     codec,
+    compute_uncached,
     embed_cached,
+    embed_payloads,
     from_env,
     image_key,
     text_key,
@@ -30,39 +37,13 @@ from clip_serverless.cache.config import DEFAULT_S3_POLICY, parse_policy
 from clip_serverless.cache.disk import DiskTier
 from clip_serverless.cache.keys import KEY_PATTERN, key_modality
 from clip_serverless.cache.memory import MemoryTier, entry_bytes
-from clip_serverless.cache.stats import CacheStats
+from clip_serverless.cache.s3 import S3Tier
+from clip_serverless.cache.tier import Policy
+from clip_serverless.envparse import SettingsError
 
-DIM = 16
+from tests.cache_helpers import DIM, CountingCompute, expected, hammer, vector_for
+
 MODEL = ModelIdentity(model_id="clip/ViT-B-32", digest="ab" * 32, embed_dim=DIM)
-
-
-def vector_for(payload: bytes, dim: int = DIM) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(payload).digest()[:8], "little")
-    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-
-
-class CountingCompute:
-    """A fake model: a deterministic vector per payload, and a record of every call's indices."""
-
-    def __init__(self, payloads: Sequence[bytes], dim: int = DIM) -> None:
-        self.payloads = payloads
-        self.dim = dim
-        self.calls: list[list[int]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, indices: Sequence[int]) -> np.ndarray:
-        with self._lock:
-            self.calls.append(list(indices))
-        rows = [vector_for(self.payloads[i], self.dim) for i in indices]
-        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
-
-    @property
-    def computed(self) -> int:
-        return sum(len(c) for c in self.calls)
-
-
-def expected(payloads: Sequence[bytes]) -> np.ndarray:
-    return np.stack([vector_for(p) for p in payloads])
 
 
 def run(cache: EmbeddingCache | None, payloads: Sequence[bytes], modality: str = "image",
@@ -213,27 +194,19 @@ def test_memory_values_are_read_only_copies() -> None:
 def test_memory_thread_safety() -> None:
     keys = [image_key(MODEL, bytes([i])) for i in range(64)]
     mem = MemoryTier(20 * entry_bytes(keys[0], np.zeros(DIM, np.float32)))
-    errors: list[BaseException] = []
 
-    def hammer(seed: int) -> None:
-        try:
-            rng = np.random.default_rng(seed)
-            for _ in range(2000):
-                k = keys[int(rng.integers(len(keys)))]
-                if rng.random() < 0.5:
-                    mem.put(k, vector_for(k.encode()))
-                else:
-                    got = mem.get(k)
-                    if got is not None:
-                        np.testing.assert_array_equal(got, vector_for(k.encode()))
-        except BaseException as exc:
-            errors.append(exc)
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(2000):
+            k = keys[int(rng.integers(len(keys)))]
+            if rng.random() < 0.5:
+                mem.put(k, vector_for(k.encode()))
+            else:
+                got = mem.get(k)
+                if got is not None:
+                    np.testing.assert_array_equal(got, vector_for(k.encode()))
 
-    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = hammer(worker, 6, args=lambda s: (s,))
     assert not errors
     assert len(mem) == 20 and mem.nbytes <= mem.max_bytes
 
@@ -267,19 +240,19 @@ def test_disk_fault_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 def test_disk_tier_serves_a_fresh_process_and_heals_corruption(tmp_path: Path) -> None:
     payloads = [b"one", b"two", b"three"]
-    first = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), disk=DiskTier(tmp_path))
+    first = EmbeddingCache(MODEL, [MemoryTier(1 << 20), DiskTier(tmp_path)])
     out1, stats1, compute1 = run(first, payloads)
     assert compute1.computed == 3 and stats1.misses == 3
 
     # A new process: empty memory, same directory.
-    second = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), disk=DiskTier(tmp_path))
+    second = EmbeddingCache(MODEL, [MemoryTier(1 << 20), DiskTier(tmp_path)])
     path = tmp_path / second.key("image", b"two")
     raw = bytearray(path.read_bytes())
     raw[40] ^= 0xFF  # flip a byte inside the entry
     path.write_bytes(bytes(raw))
     out2, stats2, compute2 = run(second, payloads)
     assert compute2.calls == [[1]]  # only the corrupted one is recomputed
-    assert (stats2.disk_hits, stats2.corrupt, stats2.misses) == (2, 1, 1)
+    assert (stats2.tier("disk").hits, stats2.corrupt, stats2.misses) == (2, 1, 1)
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_array_equal(out2, expected(payloads))
     # ...and overwritten with a valid entry.
@@ -287,29 +260,29 @@ def test_disk_tier_serves_a_fresh_process_and_heals_corruption(tmp_path: Path) -
     np.testing.assert_array_equal(good, vector_for(b"two"))
     # Disk hits were promoted to memory: a third call touches neither disk nor the model.
     _, stats3, compute3 = run(second, payloads)
-    assert compute3.calls == [] and stats3.memory_hits == 3
+    assert compute3.calls == [] and stats3.tier("memory").hits == 3
 
 
 # -- embed_cached -----------------------------------------------------------------------------------
 def test_miss_then_memory_hit_skips_compute() -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     payloads = [b"a", b"b"]
     out1, stats1, compute1 = run(cache, payloads)
     out2, stats2, compute2 = run(cache, payloads)
     assert compute1.calls == [[0, 1]] and compute2.calls == []
-    assert (stats1.misses, stats2.memory_hits, stats2.misses) == (2, 2, 0)
+    assert (stats1.misses, stats2.tier("memory").hits, stats2.misses) == (2, 2, 0)
     np.testing.assert_array_equal(out1, out2)
     np.testing.assert_array_equal(out1, expected(payloads))
-    assert stats2.s3_skipped == "" and stats1.s3_skipped == ""  # no bucket: nothing to report
+    assert stats2.tier("s3").skipped == "" and stats1.tier("s3").skipped == ""  # no bucket: nothing to report
 
 
 def test_partial_hits_keep_order_and_compute_once_per_distinct_key() -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     run(cache, [b"b", b"d"])
     payloads = [b"a", b"b", b"c", b"a", b"d", b"e", b"c"]
     out, stats, compute = run(cache, payloads)
     assert compute.calls == [[0, 2, 5]]  # a, c, e once each, by first occurrence
-    assert (stats.requested, stats.unique, stats.memory_hits, stats.misses) == (7, 5, 2, 3)
+    assert (stats.requested, stats.unique, stats.tier("memory").hits, stats.misses) == (7, 5, 2, 3)
     np.testing.assert_array_equal(out, expected(payloads))
     out[0, 0] = 99.0  # the result is the caller's to modify
     again, _, _ = run(cache, payloads)
@@ -317,7 +290,7 @@ def test_partial_hits_keep_order_and_compute_once_per_distinct_key() -> None:
 
 
 def test_opt_out_and_no_cache_compute_everything() -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     run(cache, [b"a"])
     out, stats, compute = run(cache, [b"a", b"a"], use_cache=False)
     assert compute.calls == [[0, 1]] and not stats.enabled and stats.misses == 2
@@ -328,12 +301,12 @@ def test_opt_out_and_no_cache_compute_everything() -> None:
 
 
 def test_empty_request() -> None:
-    out, stats, compute = run(EmbeddingCache(MODEL, memory=MemoryTier(1 << 20)), [])
+    out, stats, compute = run(EmbeddingCache(MODEL, [MemoryTier(1 << 20)]), [])
     assert out.shape == (0, DIM) and compute.calls == [] and stats.misses == 0
 
 
 def test_compute_with_wrong_shape_is_an_error() -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     with pytest.raises(ValueError, match=r"compute returned shape \(1, 8\), expected \(1, 16\)"):
         embed_cached(cache, [KEY], lambda idx: np.zeros((len(idx), 8), np.float32), modality="image")
 
@@ -346,15 +319,16 @@ def test_compute_errors_propagate() -> None:
         raise BadImage("cannot decode")
 
     with pytest.raises(BadImage):
-        embed_cached(EmbeddingCache(MODEL, memory=MemoryTier(1 << 20)), [KEY], compute, modality="image")
+        embed_cached(EmbeddingCache(MODEL, [MemoryTier(1 << 20)]), [KEY], compute, modality="image")
 
 
 def test_non_finite_vectors_are_returned_but_never_stored(tmp_path: Path) -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), disk=DiskTier(tmp_path))
+    memory = MemoryTier(1 << 20)
+    cache = EmbeddingCache(MODEL, [memory, DiskTier(tmp_path)])
     bad = np.full((1, DIM), np.nan, np.float32)
     out, _ = embed_cached(cache, [KEY], lambda idx: bad, modality="image")
     assert np.isnan(out).all()
-    assert KEY not in cache.memory and not (tmp_path / KEY).exists()  # type: ignore[operator]
+    assert KEY not in memory and not (tmp_path / KEY).exists()
 
 
 def test_a_broken_tier_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:
@@ -365,45 +339,40 @@ def test_a_broken_tier_never_fails_the_request(caplog: pytest.LogCaptureFixture)
         def put(self, key: str, vector: np.ndarray) -> None:
             raise RuntimeError("bug in a tier")
 
-    cache = EmbeddingCache(MODEL, memory=Exploding(1 << 20))
+    cache = EmbeddingCache(MODEL, [Exploding(1 << 20)])
     out, stats, compute = run(cache, [b"a", b"b"])
     np.testing.assert_array_equal(out, expected([b"a", b"b"]))
     assert compute.calls == [[0, 1]] and stats.errors == 2
     assert any("bug in a tier" in r.getMessage() for r in caplog.records)
 
 
-def test_embed_returns_log_dict_and_text_payload_keys() -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20))
+def test_embed_payloads_returns_stats_for_the_log_and_text_payload_keys() -> None:
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)])
     payloads = [text_payload([49406, 320, 49407]), text_payload([49406, 321, 49407])]
     compute = CountingCompute(payloads)
-    out, log = cache.embed("text", payloads, compute)
+    out, stats = embed_payloads(cache, "text", payloads, compute)
+    log = stats.to_log()
     assert log["misses"] == 2 and log["modality"] == "text"
-    out2, log2 = cache.embed("text", payloads, compute)
+    out2, stats2 = embed_payloads(cache, "text", payloads, compute)
+    log2 = stats2.to_log()
     assert log2["hits"] == 2 and log2["memory_hits"] == 2 and len(compute.calls) == 1
     np.testing.assert_array_equal(out, out2)
     assert cache.key("text", payloads[0]) == text_key(MODEL, [49406, 320, 49407])
 
 
 def test_concurrent_requests_same_keys_memory_and_disk(tmp_path: Path) -> None:
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), disk=DiskTier(tmp_path))
+    memory = MemoryTier(1 << 20)
+    cache = EmbeddingCache(MODEL, [memory, DiskTier(tmp_path)])
     payloads = [b"shared-1", b"shared-2", b"shared-3"]
     want = expected(payloads)
-    errors: list[BaseException] = []
 
     def worker() -> None:
-        try:
-            for _ in range(30):
-                out, _, _ = run(cache, payloads)
-                np.testing.assert_array_equal(out, want)
-                cache.memory.clear()  # type: ignore[union-attr]  # force the disk path too
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(30):
+            out, _, _ = run(cache, payloads)
+            np.testing.assert_array_equal(out, want)
+            memory.clear()  # force the disk path too
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = hammer(worker, 6)
     assert not errors
     for p in payloads:
         key = cache.key("image", p)
@@ -443,27 +412,51 @@ def test_breaker_opens_cools_down_and_probes_once() -> None:
 # -- config -----------------------------------------------------------------------------------------
 def test_config_defaults_off_lambda_and_on_lambda() -> None:
     local = CacheConfig.from_env({})
-    assert local.enabled and local.bucket is None and local.write_mode == "background" and not local.metrics
-    assert local.prefix == "embeddings/" and local.s3_policy == DEFAULT_S3_POLICY
+    assert local.enabled and local.s3 is None and local.write_mode == "background" and not local.metrics
+    s3 = CacheConfig.from_env({"CLIP_CACHE_BUCKET": "b"}).s3
+    assert s3 is not None and s3.prefix == "embeddings/" and s3.remote.policy == DEFAULT_S3_POLICY
+    assert (s3.max_attempts, s3.remote.deadline_s, s3.remote.workers) == (2, 0.5, 8)
+    assert (s3.remote.breaker_failures, s3.remote.breaker_cooldown_s) == (5, 30.0)
     lam = CacheConfig.from_env({"AWS_LAMBDA_FUNCTION_NAME": "f", "CLIP_CACHE_BUCKET": "b",
                                 "CLIP_CACHE_PREFIX": "/cache", "CLIP_CACHE_MEMORY_MB": "1.5"})
-    assert lam.write_mode == "sync" and lam.metrics and lam.bucket == "b" and lam.prefix == "cache/"
+    assert lam.write_mode == "sync" and lam.metrics and lam.s3 is not None
+    assert lam.s3.bucket == "b" and lam.s3.prefix == "cache/"
     assert lam.memory_bytes == int(1.5 * 1024 * 1024)
+    unprefixed = CacheConfig.from_env({"CLIP_CACHE_BUCKET": "b", "CLIP_CACHE_PREFIX": ""}).s3
+    assert unprefixed is not None and unprefixed.prefix == ""  # set but empty: no prefix
+    assert CacheConfig.from_env({"CLIP_CACHE_MEMORY_MB": "0"}).memory_bytes == 0  # no memory tier
 
 
-def test_config_bad_values_fall_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    cfg = CacheConfig.from_env({"CLIP_CACHE": "maybe", "CLIP_CACHE_S3_DEADLINE": "soon",
-                                "CLIP_CACHE_S3_READ_TIMEOUT": "-1", "CLIP_CACHE_S3_BREAKER": "x",
-                                "CLIP_CACHE_MEMORY_MB": "nan"})
-    assert cfg.enabled and cfg.deadline_s == 0.5 and cfg.read_timeout_s == 0.4
-    assert (cfg.breaker_failures, cfg.breaker_cooldown_s) == (5, 30.0) and cfg.memory_bytes == 32 << 20
-    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 5
+@pytest.mark.parametrize("name, value", [
+    ("CLIP_CACHE", "maybe"),
+    ("CLIP_CACHE_MEMORY_MB", "nan"),
+    ("CLIP_CACHE_MEMORY_MB", "-1"),
+    ("CLIP_CACHE_S3_DEADLINE", "soon"),
+    ("CLIP_CACHE_S3_READ_TIMEOUT", "-1"),
+    ("CLIP_CACHE_S3_CONNECT_TIMEOUT", "0"),
+    ("CLIP_CACHE_S3_MAX_ATTEMPTS", "0"),
+    ("CLIP_CACHE_S3_WORKERS", "many"),
+    ("CLIP_CACHE_S3_BREAKER", "x"),
+    ("CLIP_CACHE_S3_BREAKER", "0,30"),
+    ("CLIP_CACHE_S3_POLICY", "video=3"),
+    ("CLIP_CACHE_S3_WRITE", "later"),
+    ("CLIP_CACHE_METRICS", "statsd"),
+])
+def test_config_bad_values_stop_start_up_naming_the_variable(name: str, value: str) -> None:
+    # With and without a bucket: a bad S3 value is reported before a bucket is configured too.
+    for bucket in ({}, {"CLIP_CACHE_BUCKET": "b"}):
+        with pytest.raises(SettingsError, match=name):
+            CacheConfig.from_env({**bucket, name: value})
 
 
 def test_policy_parsing() -> None:
     assert parse_policy("") == {"image": 1, "text": 4}
     assert parse_policy("text=off, image=2") == {"image": 2, "text": None}
-    assert parse_policy("text=1,video=3,image=zero") == {"image": 1, "text": 1}
+    assert parse_policy("off") == {"image": None, "text": None}
+    with pytest.raises(SettingsError, match="CLIP_CACHE_S3_POLICY: unknown modality 'video'"):
+        parse_policy("text=1,video=3")
+    with pytest.raises(SettingsError, match="'image=zero' is not"):
+        parse_policy("text=1,image=zero")
 
 
 def test_from_env_off_and_memory_only() -> None:
@@ -474,22 +467,24 @@ def test_from_env_off_and_memory_only() -> None:
 
     assert from_env(Manifest(), {"CLIP_CACHE": "off"}) is None
     cache = from_env(Manifest(), {})
-    assert cache is not None and cache.s3 is None and cache.disk is None and cache.memory is not None
+    assert cache is not None and [tier.name for tier in cache.tiers] == ["memory"]
 
 
 def test_importing_and_using_without_a_bucket_never_imports_boto3(tmp_path: Path) -> None:
     code = """
 import sys
 import numpy as np
-from clip_serverless.cache import from_env
+from clip_serverless.cache import embed_payloads, from_env
 class M:
     model_id = "clip/ViT-B-32"; digest = "ab" * 32; embed_dim = 4
 for env in ({}, {"CLIP_CACHE_BUCKET": "unused-bucket", "CLIP_CACHE_S3_POLICY": "text=off"}):
     cache = from_env(M(), env)
-    out, log = cache.embed("text", [b"x" * 8], lambda idx: np.ones((len(idx), 4), np.float32))
+    out, stats = embed_payloads(cache, "text", [b"x" * 8], lambda idx: np.ones((len(idx), 4), np.float32))
+    log = stats.to_log()
     assert log["misses"] == 1, log
 heavy = [m for m in ("boto3", "botocore", "fastapi", "PIL", "onnxruntime", "aws_lambda_powertools",
-                     "clip_serverless.engine.encoder", "clip_serverless.api") if m in sys.modules]
+                     "clip_serverless.engine.encoder", "clip_serverless.api", "clip_serverless.aws_lambda")
+         if m in sys.modules]
 print(",".join(heavy) or "none")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_CACHE")}
@@ -501,7 +496,7 @@ print(",".join(heavy) or "none")
 def test_emf_record_is_valid() -> None:
     lines: list[str] = []
     emitter = EmfEmitter("TestNs", function_name="embed-image", sink=lines.append, clock=lambda: 1700000000.5)
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), metrics=emitter)
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)], observers=[emitter.emit])
     run(cache, [b"a", b"b"])
     run(cache, [b"a", b"c"])
     assert len(lines) == 2
@@ -525,6 +520,138 @@ def test_metrics_sink_failure_is_swallowed() -> None:
     def sink(line: str) -> None:
         raise OSError("stdout closed")
 
-    cache = EmbeddingCache(MODEL, memory=MemoryTier(1 << 20), metrics=EmfEmitter(sink=sink))
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20)], observers=[EmfEmitter(sink=sink).emit])
     out, _, _ = run(cache, [b"a"])
     np.testing.assert_array_equal(out, expected([b"a"]))
+
+
+# -- statistics -------------------------------------------------------------------------------------
+def test_counts_are_what_the_header_and_the_log_line_show() -> None:
+    from clip_serverless.cache import TierStats
+
+    image = CacheStats("image", misses=1, errors=1, tiers={
+        "memory": TierStats(hits=1), "disk": TierStats(), "s3": TierStats(hits=2, lookups=3, writes=1)})
+    assert list(image.counts().items()) == [("hits", 3), ("misses", 1), ("memory_hits", 1), ("s3_hits", 2),
+                                            ("errors", 1), ("s3_lookups", 3), ("s3_writes", 1)]
+    text = CacheStats("text", tiers={"memory": TierStats(hits=2), "s3": TierStats(skipped="policy")})
+    assert text.to_log()["s3_skipped"] == "policy" and "s3_skipped" not in text.counts()
+    merged = CacheStats.merge([image, text])
+    assert merged.modality == "image,text" and merged.enabled
+    assert merged.counts() == {"hits": 5, "misses": 1, "memory_hits": 3, "s3_hits": 2, "errors": 1,
+                               "s3_lookups": 3, "s3_writes": 1}
+    assert CacheStats.merge([]).counts() == {}
+
+
+def test_one_path_without_a_cache_and_one_shape_of_stats() -> None:
+    payloads = [b"x", b"y", b"x"]
+    off_out, off = embed_payloads(None, "image", payloads, CountingCompute(payloads))
+    compute = CountingCompute(payloads)
+    bypass_out, bypass = embed_payloads(EmbeddingCache(MODEL, [MemoryTier(1 << 20)]), "image", payloads, compute,
+                                        use_cache=False)
+    assert compute.calls == [[0, 1, 2]]  # everything computed, repeats included, nothing hashed or looked up
+    np.testing.assert_array_equal(off_out, bypass_out)
+    assert type(off) is type(bypass) is CacheStats and not off.enabled and not bypass.enabled
+    assert (off.misses, off.bypassed, bypass.misses, bypass.bypassed) == (3, 0, 3, 1)
+    assert off.counts() == {}  # no cache configured: no X-Clip-Cache header
+    assert bypass.counts() == {"hits": 0, "misses": 3, "bypass": 1}
+    text_bypass = compute_uncached(2, CountingCompute([b"a", b"b"]), modality="text", bypassed=True)[1]
+    assert CacheStats.merge([bypass, text_bypass]).counts() == {"hits": 0, "misses": 5, "bypass": 2}
+
+
+# -- the tier interface: a remote tier that is not S3 ---------------------------------------------------
+class RemoteDict:
+    """A remote tier in a dict (what a DynamoDB or Redis tier would be): the cache knows it by its interface."""
+
+    name = "dict"
+    remote = True
+
+    def __init__(self, policy: Policy | None = None, *, failing: bool = False) -> None:
+        self.policy: Policy = policy or {"image": 1, "text": 2}
+        self.failing = failing
+        self.stored: dict[str, bytes] = {}
+        self.queued: list[dict[str, bytes]] = []
+        self.asked: list[list[str]] = []
+        self.renewed = 0
+
+    def get_many(self, keys: Sequence[str]) -> TierResult:
+        self.asked.append(list(keys))
+        if self.failing:
+            return TierResult(errors=len(keys))
+        return TierResult(found={k: self.stored[k] for k in keys if k in self.stored}, ok=len(keys))
+
+    def put_many(self, entries: Mapping[str, Entry], *, wait_for_completion: bool = True) -> TierResult:
+        blobs = {key: entry.blob for key, entry in entries.items()}
+        if not wait_for_completion:
+            self.queued.append(blobs)
+            return TierResult()
+        self.stored.update(blobs)
+        return TierResult(ok=len(blobs))
+
+    def prepare(self) -> None:
+        pass
+
+    def renew(self) -> bool:
+        self.renewed += 1
+        return True
+
+    def drain(self, timeout_s: float) -> bool:
+        for blobs in self.queued:
+            self.stored.update(blobs)
+        self.queued.clear()
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_every_tier_implements_the_interface(tmp_path: Path) -> None:
+    tiers: list[Tier] = [MemoryTier(1 << 20), DiskTier(tmp_path), S3Tier("bucket"), RemoteDict()]  # mypy checks
+    assert [(t.name, t.remote) for t in tiers] == [("memory", False), ("disk", False), ("s3", True),
+                                                   ("dict", True)]
+    with pytest.raises(ValueError, match="unique"):
+        EmbeddingCache(MODEL, [MemoryTier(1), MemoryTier(2)])
+
+
+def test_a_remote_tier_gets_policy_writes_and_counts_under_its_name() -> None:
+    remote = RemoteDict()
+    container = EmbeddingCache(MODEL, [MemoryTier(1 << 20), remote])
+    _, few, _ = run(container, [b"t1"], "text")  # one text miss: below the tier's threshold of 2
+    assert few.tier("dict").skipped == "policy" and remote.asked == [] and remote.stored == {}
+    assert few.to_log()["dict_skipped"] == "policy"
+    _, many, _ = run(container, [b"t2", b"t3"], "text")
+    assert many.counts() == {"hits": 0, "misses": 2, "dict_lookups": 2, "dict_writes": 2}
+    # A new container: the entries come from the remote tier, verified, and are promoted to memory.
+    memory = MemoryTier(1 << 20)
+    fresh = EmbeddingCache(MODEL, [memory, remote])
+    out, hit, compute = run(fresh, [b"t2", b"t3"], "text")
+    assert compute.calls == [] and hit.tier("dict").hits == 2 and len(memory) == 2
+    np.testing.assert_array_equal(out, expected([b"t2", b"t3"]))
+    assert fresh.renew() == ["dict"] and fresh.has_remote_tiers
+
+
+def test_a_remote_tier_that_failed_its_read_is_not_written_and_background_writes_drain() -> None:
+    broken = RemoteDict(failing=True)
+    _, stats, _ = run(EmbeddingCache(MODEL, [broken]), [b"a", b"b"])
+    assert stats.errors == 2 and broken.stored == {} and broken.queued == []
+    remote = RemoteDict()
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20), remote], write_mode="background")
+    _, stats, _ = run(cache, [b"a", b"b"])
+    assert stats.tier("dict").writes == 0 and remote.stored == {} and len(remote.queued) == 1
+    assert cache.drain(1.0) and len(remote.stored) == 2
+
+
+# -- metrics as an observer -----------------------------------------------------------------------------
+def test_metrics_are_an_observer_wired_from_the_config() -> None:
+    assert emf_observer(CacheConfig(metrics=False)) is None
+    assert emf_observer(CacheConfig.from_env({"AWS_LAMBDA_FUNCTION_NAME": "f"})) is not None  # Lambda default
+    assert emf_observer(CacheConfig.from_env({"AWS_LAMBDA_FUNCTION_NAME": "f", "CLIP_CACHE_METRICS": "off"})) is None
+    lines: list[str] = []
+    emitter = EmfEmitter("Ns", function_name="f", sink=lines.append, clock=time.time)
+    cache = EmbeddingCache(MODEL, [MemoryTier(1 << 20), RemoteDict()])
+    cache.observe(emitter.emit)
+    run(cache, [b"t1"], "text")
+    record = json.loads(lines[0])
+    names = [m["Name"] for m in record["_aws"]["CloudWatchMetrics"][0]["Metrics"]]
+    assert names == ["CacheHits", "CacheMisses", "CacheMemoryHits", "CacheDiskHits", "CacheS3Hits",
+                     "CacheDictHits", "CacheCorrupt", "CacheErrors", "CacheLookupTime"]
+    assert record["CacheS3Hits"] == 0 and record["dict_skipped"] == "policy"

@@ -12,7 +12,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import boto3
 import pytest
@@ -56,8 +56,7 @@ class FakeClock:
 
 def client_error(code: str, status: int, operation: str = "GetParameter") -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": f"{code} (test)"},
-                        "ResponseMetadata": {"RequestId": "test", "HostId": "", "HTTPStatusCode": status,
-                                             "HTTPHeaders": {}, "RetryAttempts": 0}}, operation)
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
 
 class ScriptedClient:
@@ -97,7 +96,7 @@ def read(env: dict[str, str], client: Any, clock: FakeClock, *, retry: RetryPoli
                            clock=clock, uniform=uniform)
 
 
-def stubbed(service: Literal["ssm", "secretsmanager"]) -> tuple[Any, Stubber]:
+def stubbed(service: str) -> tuple[Any, Stubber]:
     client = boto3.session.Session().client(service, region_name=REGION)
     return client, Stubber(client)
 
@@ -415,7 +414,7 @@ def test_a_simulated_restore_renews_the_key_the_s3_client_the_instance_id(
     service.cache.preload(("image", "text"))
     names = snapstart.install(settings=settings, service=service)
     assert names == ["reseed_random", "renew_instance_id", "renew_clients", "refresh_api_key"]
-    s3_client = service.cache.s3.client
+    s3_client = service.cache.tier("s3").client
 
     body = {"text": ["a photo of a red circle."]}
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -429,7 +428,7 @@ def test_a_simulated_restore_renews_the_key_the_s3_client_the_instance_id(
 
         snapstart.run_after_restore()  # what Lambda's runtime does on restore
         assert (status("new-key"), status("old-key"), status(None)) == (200, 401, 401)
-        assert service.cache.s3.client is not s3_client
+        assert service.cache.tier("s3").client is not s3_client
         assert c.get("/info").json()["uuid"] != uuid_before
 
         # the store is unreadable at the next restore: the restore fails, and nothing is served meanwhile

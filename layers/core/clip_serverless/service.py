@@ -9,11 +9,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from .cache.embedder import embed_payloads
+from .cache.stats import CacheStats
 from .engine.encoder import Float32Array, ImageEncoder, TextEncoder
 from .engine.model_dir import TOKENIZER_FILE, ModelDir
 
@@ -49,7 +51,8 @@ class TextTooLong(ValueError):
 class Embeddings:
     vectors: Float32Array  # (N, D), raw projections, input order
     truncated: list[int] = field(default_factory=list)  # indices of texts cut to the context length
-    cache: dict[str, Any] = field(default_factory=dict)  # hit/miss counts for logs and headers
+    # What the cache did (hits and misses per tier), for the X-Clip-Cache header and the request's log line.
+    cache: CacheStats = field(default_factory=lambda: CacheStats(modality="", enabled=False))
 
 
 class ClipService:
@@ -151,9 +154,6 @@ class ClipService:
     # -- cache ------------------------------------------------------------------------------------
     def _cached(self, modality: Literal["image", "text"], payloads: list[bytes],
                 compute: Callable[[Sequence[int]], Float32Array],
-                use_cache: bool) -> tuple[Float32Array, dict[str, Any]]:
-        if self.cache is None:
-            return compute(list(range(len(payloads)))), {}
-        if not use_cache:
-            return compute(list(range(len(payloads)))), {"hits": 0, "misses": len(payloads), "bypass": 1}
-        return self.cache.embed(modality, payloads, compute)
+                use_cache: bool) -> tuple[Float32Array, CacheStats]:
+        # One path with or without a cache (none configured, or the request's Cache-Control: no-cache).
+        return embed_payloads(self.cache, modality, payloads, compute, use_cache=use_cache)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..cache.stats import CacheStats
 from ..service import ClipService, Embeddings, TextTooLong
 from . import compare as cmp
 from .auth import check_api_key
@@ -107,7 +108,7 @@ class ClipRoutes:
         truncated = sorted({i for r in results for i in r.truncated})
         if truncated:
             headers["X-Clip-Truncated-Texts"] = ",".join(map(str, truncated))
-        cache = _merge_cache_stats(r.cache for r in results)
+        cache = CacheStats.merge(r.cache for r in results).counts()
         if cache:
             headers["X-Clip-Cache"] = ";".join(f"{k}={v}" for k, v in cache.items())
         log.info(json.dumps({"endpoint": endpoint, "inputs": n, "seconds": round(elapsed, 4),
@@ -193,11 +194,3 @@ class ClipRoutes:
                                  summary=summary, description=description)
         return router
 
-
-def _merge_cache_stats(stats: Any) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for entry in stats:
-        for key, value in entry.items():
-            if isinstance(value, int):
-                merged[key] = merged.get(key, 0) + value
-    return merged

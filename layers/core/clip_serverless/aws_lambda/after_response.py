@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..cache.config import WriteMode
+from ..cache.tier import WriteMode
 
 logger = logging.getLogger("clip_serverless.cache")
 
@@ -63,6 +63,11 @@ class Drainable(Protocol):
     """What the extension needs from a cache (:class:`~.tiered.EmbeddingCache` is one)."""
 
     write_mode: WriteMode
+
+    @property
+    def has_remote_tiers(self) -> bool:
+        """Whether any of its writes can be deferred past the response (nothing to drain otherwise)."""
+        ...
 
     def drain(self, timeout_s: float) -> bool: ...
 
@@ -365,7 +370,7 @@ def install(cache: Drainable, environ: Mapping[str, str] | None = None, *,
             drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
     """Register the extension (once per process; call at init, at import) and switch ``cache`` to
     background writes drained after each response. False, with the cache untouched, when that is not
-    possible or not wanted: off Lambda, ``CLIP_CACHE_S3_WRITE=sync`` set explicitly, no S3 tier, or a
+    possible or not wanted: off Lambda, ``CLIP_CACHE_S3_WRITE=sync`` set explicitly, no remote tier, or a
     failed registration."""
     global _installed
     env = os.environ if environ is None else environ
@@ -374,8 +379,8 @@ def install(cache: Drainable, environ: Mapping[str, str] | None = None, *,
         return False
     if env.get("CLIP_CACHE_S3_WRITE", "").strip().lower() == "sync":
         return False  # the operator's explicit choice (and the kill switch)
-    if getattr(cache, "s3", None) is None:
-        return False  # nothing is written after the response without an S3 tier
+    if not cache.has_remote_tiers:
+        return False  # nothing is written after the response without a remote tier
     with _install_lock:
         if _installed is None:
             try:

@@ -15,9 +15,11 @@ from mangum import Mangum
 from ..api.app import build
 from ..api.routes import Endpoint
 from ..api.settings import Settings
+from ..cache.config import CacheConfig
 from ..service import ClipService, Tower
 from . import snapstart, text_function
 from .after_response import after_response, install
+from .metrics import emf_observer
 
 # What each endpoint loads at init (where SnapStart snapshots it). compare's "textual" is its tokenizer
 # and the Lambda client of the embed_text function, which embeds its texts (CLIP_TEXT_FUNCTION): each
@@ -44,9 +46,13 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     service = app.state.service
     towers = preload_for(endpoint)
     service.preload(towers)
-    if service.cache is not None and "visual" in towers:
-        # An image miss consults S3 on its first request; create the client (~240 ms) at init instead.
-        service.cache.preload(("image", "text") if endpoint == "compare" else ("image",))
+    if service.cache is not None:
+        emf = emf_observer(CacheConfig.from_env())  # CLIP_CACHE_METRICS: EMF lines per request (the Lambda default)
+        if emf is not None:
+            service.cache.observe(emf)
+        if "visual" in towers:
+            # An image miss consults S3 on its first request; create the client (~240 ms) at init instead.
+            service.cache.preload(("image", "text") if endpoint == "compare" else ("image",))
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
         app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
@@ -55,7 +61,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
     snapstart.install(settings=settings, service=service,
                       renew=[service.text_encoder.renew] if service.text_is_remote else [])
-    if service.cache is not None and install(service.cache):  # Lambda: S3 writes after the response
+    if service.cache is not None and install(service.cache):  # Lambda: remote writes after the response
         return after_response(handler)
     return handler
 

@@ -138,11 +138,10 @@ def renew_instance_id() -> None:
 
 
 def renew_clients(service: ClipService) -> None:
-    """New boto3 clients (and connection pools) for the service's S3 cache tier. Never raises."""
-    cache = getattr(service, "cache", None)
-    s3 = getattr(cache, "s3", None)
-    if s3 is not None:
-        s3.renew()
+    """New clients (and connection pools) for the service's cache tiers that have them (S3's boto3 client).
+    Never raises."""
+    if service.cache is not None:
+        service.cache.renew()
 
 
 def refresh_api_key(settings: Settings) -> None:

@@ -1,11 +1,17 @@
 """The embedding cache: a repeated image or prompt costs neither decoding nor inference.
 
-Tiers, looked up in order, hits promoted upwards:
+Tiers (:class:`~.tier.Tier`, one module each), looked up in order, hits promoted upwards:
 
-1. memory: an LRU bounded in bytes, per process (a warm Lambda container, the local server);
-2. disk (optional, ``CLIP_CACHE_DIR``): files under a directory, for the local server;
-3. S3 (optional, ``CLIP_CACHE_BUCKET``): one object per entry, shared by every container and function,
-   so a prompt embedded by ``embed_text`` is a hit for ``compare``. Expiry is the bucket's lifecycle rule.
+1. memory (:mod:`.memory`): an LRU bounded in bytes, per process (a warm Lambda container, the local server);
+2. disk (:mod:`.disk`, optional, ``CLIP_CACHE_DIR``): files under a directory, for the local server;
+3. S3 (:mod:`.s3`, optional, ``CLIP_CACHE_BUCKET``): a remote tier, one object per entry, shared by every
+   container and function, so a prompt embedded by ``embed_text`` is a hit for ``compare``. Expiry is the
+   bucket's lifecycle rule.
+
+Rooms: :mod:`.keys` (content addresses), :mod:`.codec` (stored values), :mod:`.tier` (the tier interface),
+:mod:`.tiered` (``EmbeddingCache``: the ordered tiers), :mod:`.embedder` (a request through the cache and
+the model), :mod:`.stats` (what one request did), :mod:`.config` (the environment), :mod:`.breaker` and
+:mod:`.faultlog` (remote faults). Nothing here imports the Lambda plumbing: metrics are an observer.
 
 **Keys** are content addresses (see :mod:`.keys`)::
 
@@ -24,40 +30,44 @@ vector, and a sha256 over all of it. A value that does not verify is a miss, rec
 never returned. Vectors are the raw projections (not normalised). The cache relies on the encoder being
 batch-invariant (fp32; int8 models run row by row), so a stored vector does not depend on its batch.
 
-**Faults never fail a request**: short botocore timeouts, bounded retries, a deadline per batch, and a
+**Faults never fail a request**: short botocore timeouts, bounded attempts, a deadline per batch, and a
 breaker that skips S3 for a while after repeated faults; each fault is logged once with its cause.
 
-**When S3 is used** (``CLIP_CACHE_S3_POLICY``, default ``image=1,text=4``): S3 is consulted (and written)
-for a modality only when a request has at least that many misses left after memory and disk. Measured
+**When S3 is used** (the S3 tier's policy, ``CLIP_CACHE_S3_POLICY``, default ``image=1,text=4``; every
+remote tier has one): S3 is consulted (and written) for a modality only when a request has at least that
+many misses left after memory and disk. Measured
 with ``bench/bench_cache.py`` (ViT-B/32, one ORT thread, shared 2-vCPU machine): an image costs 40 ms
 (int8) to 100 ms (fp32) to decode and embed, more than any in-region GET (10-30 ms), so one image miss
 pays for S3; a caption costs 5-12 ms plus ~5 ms per extra caption in the batch, so S3 pays only from
-3-6 misses (a list's GETs run concurrently): single prompts stay in memory. A memory hit costs 4 us.
+3-6 misses (a list's GETs run concurrently): single prompts stay in memory. A memory hit costs ~5 us.
 A miss that goes to S3 pays a GET (404) on top of computing; its PUT runs after the response (on Lambda
-through an internal extension, :mod:`.after_response`; sync writes when the extension cannot register).
+through an internal extension, :mod:`clip_serverless.aws_lambda.after_response`; sync writes when the
+extension cannot register).
 
-Entry points: :func:`from_env` builds the cache from the environment (None when ``CLIP_CACHE=off``);
-:meth:`EmbeddingCache.embed` / :func:`embed_cached` run a request through it.
+Entry points: :func:`from_env` (or :func:`from_config` with a :class:`CacheConfig` read once at start)
+builds the cache (None when ``CLIP_CACHE=off``); :func:`embed_payloads` / :func:`embed_cached` run a request
+through it (or, without a cache, through :func:`compute_uncached`) and return a :class:`CacheStats`.
 Importing this package does not import boto3, the CLIP core, FastAPI or Pillow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from .config import CacheConfig
-from .embedder import embed_cached
+from ..types import Modality
+from .config import CacheConfig, RemoteTierConfig, S3Config
+from .embedder import compute_uncached, embed_cached, embed_payloads
 from .keys import (
     IMAGE_PIPELINE_VERSION,
     TEXT_PIPELINE_VERSION,
     ManifestLike,
-    Modality,
     ModelIdentity,
     image_key,
     text_key,
     text_payload,
 )
-from .stats import CacheStats
+from .stats import CacheStats, StatsObserver, TierStats
+from .tier import Entry, Tier, TierResult
 from .tiered import EmbeddingCache
 
 __all__ = [
@@ -66,9 +76,19 @@ __all__ = [
     "CacheConfig",
     "CacheStats",
     "EmbeddingCache",
+    "Entry",
     "Modality",
     "ModelIdentity",
+    "RemoteTierConfig",
+    "S3Config",
+    "StatsObserver",
+    "Tier",
+    "TierResult",
+    "TierStats",
+    "compute_uncached",
     "embed_cached",
+    "embed_payloads",
+    "from_config",
     "from_env",
     "image_key",
     "text_key",
@@ -76,9 +96,16 @@ __all__ = [
 ]
 
 
-def from_env(manifest: ManifestLike, environ: Mapping[str, str] | None = None) -> EmbeddingCache | None:
-    """The cache for this model as the environment configures it, or None when ``CLIP_CACHE=off``."""
-    config = CacheConfig.from_env(environ)
+def from_config(manifest: ManifestLike, config: CacheConfig,
+                observers: Iterable[StatsObserver] = ()) -> EmbeddingCache | None:
+    """The cache for this model as ``config`` describes it, or None when the cache is off."""
     if not config.enabled:
         return None
-    return EmbeddingCache.from_config(ModelIdentity.from_manifest(manifest), config)
+    return EmbeddingCache.from_config(ModelIdentity.from_manifest(manifest), config, observers=observers)
+
+
+def from_env(manifest: ManifestLike, environ: Mapping[str, str] | None = None,
+             observers: Iterable[StatsObserver] = ()) -> EmbeddingCache | None:
+    """The cache for this model as the environment configures it, or None when ``CLIP_CACHE=off``.
+    Raises :class:`~clip_serverless.envparse.SettingsError` naming a bad variable."""
+    return from_config(manifest, CacheConfig.from_env(environ), observers)

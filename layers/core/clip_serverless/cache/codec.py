@@ -21,7 +21,8 @@ import json
 import struct
 
 import numpy as np
-import numpy.typing as npt
+
+from ..types import Float32Array
 
 MAGIC = b"CLIPEMB\x01"
 DTYPE = "<f4"
@@ -30,8 +31,6 @@ _DIGEST_BYTES = 32
 MAX_HEADER_BYTES = 4096
 MAX_DIM = 65536
 MAX_ENTRY_BYTES = len(MAGIC) + _LEN.size + MAX_HEADER_BYTES + 4 * MAX_DIM + _DIGEST_BYTES
-
-Float32Array = npt.NDArray[np.float32]
 
 
 class CorruptEntry(ValueError):

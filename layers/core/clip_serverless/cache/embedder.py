@@ -1,34 +1,33 @@
 """``embed_cached``: the one place where a request's inputs meet the cache and the model.
 
-    keys (N, request order) -> distinct keys -> lookup (memory, disk, S3 concurrently)
-        -> compute(miss indices) in ONE call -> store (memory, disk, S3 concurrently) -> (N, D) in input order
+    keys (N, request order) -> distinct keys -> lookup (tier by tier; a remote tier's keys concurrently)
+        -> compute(miss indices) in ONE call -> store (every tier; a remote tier's keys concurrently)
+        -> (N, D) in input order, and one :class:`CacheStats`
 
 Only ``compute`` may raise (a bad image is the caller's 400); anything the cache does wrong is logged and
-answered by computing. S3 writes run in the background (``CLIP_CACHE_S3_WRITE``). On Lambda a thread
-still writing when the handler returns is frozen with the container, so there an internal extension
-(:mod:`.after_response`) holds the freeze until ``EmbeddingCache.drain()`` returns: the client has its
-response, the writes complete. Where the extension cannot register, writes are waited for (``sync``,
-bounded by the S3 deadline) before the response.
+answered by computing. A request without the cache (none configured, or ``Cache-Control: no-cache``) goes
+through :func:`compute_uncached` and gets statistics of the same shape.
+
+Remote writes run in the background when the cache's write mode says so (``CLIP_CACHE_S3_WRITE``). On
+Lambda a thread still writing when the handler returns is frozen with the container, so there an internal
+extension (:mod:`clip_serverless.aws_lambda.after_response`) holds the freeze until
+``EmbeddingCache.drain()`` returns: the client has its response, the writes complete. Where the extension
+cannot register, writes are waited for (``sync``, bounded by the tier's deadline) before the response.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
+from ..types import Float32Array, Modality
 from .faultlog import FaultLog
-from .keys import Modality
 from .stats import CacheStats
-from .tiered import Lookup
+from .tiered import EmbeddingCache, Lookup
 
-if TYPE_CHECKING:
-    from .tiered import EmbeddingCache
-
-Float32Array = npt.NDArray[np.float32]
+Compute = Callable[[Sequence[int]], Float32Array]
 _bugs = FaultLog()
 
 
@@ -40,8 +39,29 @@ def _checked(out: Float32Array, rows: int, dim: int | None) -> Float32Array:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def embed_cached(cache: EmbeddingCache | None, keys: Sequence[str],
-                 compute: Callable[[Sequence[int]], Float32Array], *, modality: Modality,
+def embed_payloads(cache: EmbeddingCache | None, modality: Modality, payloads: Sequence[bytes],
+                   compute: Compute, *, use_cache: bool = True) -> tuple[Float32Array, CacheStats]:
+    """Embeddings (N, D) for N payloads (encoded images, or ``keys.text_payload(ids)``), input order, and
+    what the cache did. What the service calls: keys are hashed only when the cache is used."""
+    if cache is None or not use_cache:
+        return compute_uncached(len(payloads), compute, modality=modality, bypassed=cache is not None)
+    keys = [cache.key(modality, payload) for payload in payloads]
+    return embed_cached(cache, keys, compute, modality=modality)
+
+
+def compute_uncached(count: int, compute: Compute, *, modality: Modality,
+                     bypassed: bool = False) -> tuple[Float32Array, CacheStats]:
+    """The one path without a cache: ``compute`` once with all ``count`` indices, every input a miss.
+    ``bypassed``: a cache is configured and the caller opted out (the header says ``bypass``)."""
+    stats = CacheStats(modality=modality, enabled=False, bypassed=int(bypassed), requested=count, unique=count,
+                       misses=count)
+    start = time.perf_counter()
+    out = _checked(compute(list(range(count))), count, None)
+    stats.compute_ms = (time.perf_counter() - start) * 1000
+    return out, stats
+
+
+def embed_cached(cache: EmbeddingCache | None, keys: Sequence[str], compute: Compute, *, modality: Modality,
                  use_cache: bool = True) -> tuple[Float32Array, CacheStats]:
     """(N, D) float32 for N keys in input order, and what the cache did.
 
@@ -49,16 +69,11 @@ def embed_cached(cache: EmbeddingCache | None, keys: Sequence[str],
     of its first occurrence, ascending) and returns (len(indices), D) float32. It is not called when
     everything hits. Without a cache or with ``use_cache=False`` it is called once with all indices.
     """
-    stats = CacheStats(modality=modality, requested=len(keys), unique=len(keys))
     if cache is None or not use_cache:
-        stats.enabled = False
-        stats.misses = len(keys)
-        start = time.perf_counter()
-        out = _checked(compute(list(range(len(keys)))), len(keys), None)
-        stats.compute_ms = (time.perf_counter() - start) * 1000
-        return out, stats
+        return compute_uncached(len(keys), compute, modality=modality, bypassed=cache is not None)
 
     dim = cache.model.embed_dim
+    stats = cache.new_stats(modality, len(keys))
     first: dict[str, int] = {}
     for index, key in enumerate(keys):
         first.setdefault(key, index)
@@ -84,13 +99,13 @@ def embed_cached(cache: EmbeddingCache | None, keys: Sequence[str],
     if computed:
         start = time.perf_counter()
         try:
-            cache.store(computed, write_s3=lookup.write_s3, stats=stats)
+            cache.store(computed, lookup=lookup, stats=stats)
         except Exception as exc:  # a bug in a tier must not fail the request
             stats.errors += 1
             _bugs.fault("store", f"unexpected {type(exc).__name__}", str(exc)[:200], exc_info=True)
         stats.store_ms = (time.perf_counter() - start) * 1000
     try:
-        cache.emit(stats)
+        cache.notify(stats)
     except Exception as exc:
         _bugs.fault("metrics", f"unexpected {type(exc).__name__}", str(exc)[:200], exc_info=True)
     return out, stats
@@ -101,6 +116,7 @@ def _safe_lookup(cache: EmbeddingCache, keys: list[str], modality: Modality, sta
         return cache.lookup(keys, modality=modality, stats=stats)
     except Exception as exc:  # a bug in a tier must not fail the request: compute everything instead
         stats.errors += 1
-        stats.memory_hits = stats.disk_hits = stats.s3_hits = 0
+        for tier in stats.tiers.values():
+            tier.hits = 0
         _bugs.fault("lookup", f"unexpected {type(exc).__name__}", str(exc)[:200], exc_info=True)
         return Lookup()

@@ -26,12 +26,13 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-Modality = Literal["image", "text"]
+from ..types import Modality
+
 MODALITIES: tuple[Modality, ...] = ("image", "text")
 
 # Bump when decoding/resizing/normalising changes what vector a given image file yields (EXIF handling,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-import numpy.typing as npt
 
-Float32Array = npt.NDArray[np.float32]
+from ..types import Float32Array
+from .tier import ALWAYS, Entry, Policy, TierResult
 
 # What one entry costs beyond its vector and key: the ndarray object, the key str object and the
 # OrderedDict node (CPython 3.11, numpy 2.4, measured with tracemalloc: ~230 bytes).
@@ -25,7 +26,11 @@ def entry_bytes(key: str, vector: Float32Array) -> int:
 
 
 class MemoryTier:
-    """LRU bounded by ``max_bytes`` (vector bytes + key + per-entry overhead)."""
+    """LRU bounded by ``max_bytes`` (vector bytes + key + per-entry overhead). A local :class:`~.tier.Tier`."""
+
+    name = "memory"
+    remote = False
+    policy: Policy = ALWAYS
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
@@ -62,6 +67,29 @@ class MemoryTier:
                 evicted_key, evicted = self._entries.popitem(last=False)
                 self._bytes -= entry_bytes(evicted_key, evicted)
 
+    # -- the Tier interface ------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> TierResult:
+        vectors = {key: vector for key in keys if (vector := self.get(key)) is not None}
+        return TierResult(vectors=vectors, ok=len(keys))
+
+    def put_many(self, entries: Mapping[str, Entry], *, wait_for_completion: bool = True) -> TierResult:
+        for key, entry in entries.items():
+            self.put(key, entry.vector)
+        return TierResult(ok=len(entries))
+
+    def prepare(self) -> None:
+        pass
+
+    def renew(self) -> bool:
+        return False
+
+    def drain(self, timeout_s: float) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    # -- for tests and operators -------------------------------------------------------------------
     def discard(self, key: str) -> None:
         with self._lock:
             old = self._entries.pop(key, None)

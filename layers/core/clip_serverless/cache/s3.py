@@ -2,6 +2,8 @@
 
 - boto3 is imported when the tier is first used (or :meth:`S3Tier.prepare` is called), never at import:
   ~120 ms of import and ~100 ms of client creation that a function without a bucket never pays.
+- A remote :class:`~.tier.Tier` named ``s3``: consulted per its ``policy`` (``CLIP_CACHE_S3_POLICY``), its
+  writes waited for or queued (:meth:`S3Tier.drain`) as the cache's write mode says.
 - botocore timeouts are short and attempts bounded (``Config(connect_timeout, read_timeout,
   retries={"total_max_attempts", "mode": "standard"})``: ``total_max_attempts`` counts the first try, where
   botocore's ``max_attempts`` would count retries only), and each batch waits at most ``deadline_s`` for its
@@ -26,12 +28,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .breaker import Breaker, State
 from .codec import MAX_ENTRY_BYTES
+from .config import DEFAULT_S3_POLICY, S3Config
 from .faultlog import FaultLog, logger
+from .tier import Entry, Policy, TierResult
 
 Outcome = Literal["hit", "miss", "written", "fault"]
 Operation = Literal["GET", "PUT"]
@@ -39,17 +42,6 @@ OPERATIONS: tuple[Operation, ...] = ("GET", "PUT")
 MAX_QUEUED_WRITE_BATCHES = 64
 _URL_PATH = re.compile(r"(https?://[^/\s\"']+)[^\s\"']*")
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-@dataclass
-class S3Result:
-    """What one batch did. ``found`` holds raw (unverified) object bytes by cache key."""
-
-    found: dict[str, bytes] = field(default_factory=dict)
-    ok: int = 0  # calls that answered (hit, clean miss, or successful write)
-    errors: int = 0  # faults and calls abandoned at the deadline
-    skipped: str = ""  # "breaker-open" when the batch never reached S3
-    elapsed_ms: float = 0.0
 
 
 def describe_error(exc: BaseException, operation: str) -> tuple[bool, str]:
@@ -70,14 +62,19 @@ def describe_error(exc: BaseException, operation: str) -> tuple[bool, str]:
 
 
 class S3Tier:
+    remote = True
+
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, connect_timeout_s: float = 0.25, read_timeout_s: float = 0.4,
                  max_attempts: int = 2, deadline_s: float = 0.5, workers: int = 8,
                  breaker_failures: int = 5, breaker_cooldown_s: float = 30.0,
+                 policy: Policy = DEFAULT_S3_POLICY, name: str = "s3",
                  clock: Callable[[], float] = time.monotonic, fault_log: FaultLog | None = None,
                  client_factory: Callable[[], Any] | None = None) -> None:
         if not bucket:
             raise ValueError("an S3 tier needs a bucket name")
+        self.name = name
+        self.policy = dict(policy)
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint_url = endpoint_url
@@ -100,6 +97,15 @@ class S3Tier:
         self._queued = 0
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
+
+    @classmethod
+    def from_config(cls, config: S3Config, fault_log: FaultLog | None = None) -> S3Tier:
+        remote = config.remote
+        return cls(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
+                   connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s,
+                   max_attempts=config.max_attempts, deadline_s=remote.deadline_s, workers=remote.workers,
+                   breaker_failures=remote.breaker_failures, breaker_cooldown_s=remote.breaker_cooldown_s,
+                   policy=remote.policy, fault_log=fault_log)
 
     # -- set-up ------------------------------------------------------------------------------------
     def _default_client(self) -> Any:
@@ -149,11 +155,11 @@ class S3Tier:
             try:
                 close()
             except Exception as exc:
-                self.faults.fault("s3", f"closing the old client: {type(exc).__name__}", str(exc)[:200])
+                self.faults.fault(self.name, f"closing the old client: {type(exc).__name__}", str(exc)[:200])
         try:
             self._ensure_ready()
         except Exception as exc:
-            self.faults.fault("s3", f"client: {type(exc).__name__}", str(exc)[:200])
+            self.faults.fault(self.name, f"client: {type(exc).__name__}", str(exc)[:200])
         return True
 
     @property
@@ -198,21 +204,23 @@ class S3Tier:
         return "written", b""
 
     # -- batches -----------------------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str]) -> S3Result:
+    def get_many(self, keys: Sequence[str]) -> TierResult:
         """GET all keys concurrently; waits at most ``deadline_s``. Keys not in ``found`` are misses."""
         return self._batch("GET", {key: b"" for key in keys})
 
-    def put_many(self, entries: Mapping[str, bytes], *, wait_for_completion: bool = True) -> S3Result:
-        """PUT all entries concurrently, waiting at most ``deadline_s``.
+    def put_many(self, entries: Mapping[str, Entry], *, wait_for_completion: bool = True) -> TierResult:
+        """PUT all entries' bytes concurrently, waiting at most ``deadline_s``.
 
         With ``wait_for_completion=False`` the batch runs on a background thread and this returns at
-        once (a long-running server; on Lambda, threads freeze after the response, so wait there).
+        once (a long-running server; on Lambda, threads freeze after the response, unless the
+        after-response extension holds the freeze until :meth:`drain` returns).
         """
         if not entries:
-            return S3Result()
+            return TierResult()
+        blobs = {key: entry.blob for key, entry in entries.items()}
         if wait_for_completion:
-            return self._batch("PUT", dict(entries))
-        result = S3Result()
+            return self._batch("PUT", blobs)
+        result = TierResult()
         with self._lock:
             if self._queued >= MAX_QUEUED_WRITE_BATCHES:  # S3 slower than the requests: drop, stay bounded
                 result.errors = len(entries)
@@ -220,12 +228,12 @@ class S3Tier:
                 if self._background is None:
                     self._background = ThreadPoolExecutor(1, thread_name_prefix="clip-cache-s3-writer")
                 try:
-                    self._background.submit(self._background_batch, dict(entries))
+                    self._background.submit(self._background_batch, blobs)
                     self._queued += 1
                 except RuntimeError:  # shut down
                     result.errors = len(entries)
         if result.errors:
-            self.faults.fault("s3", "PUT dropped: background writes are behind",
+            self.faults.fault(self.name, "PUT dropped: background writes are behind",
                               f"{MAX_QUEUED_WRITE_BATCHES} batches queued")
         return result
 
@@ -246,8 +254,8 @@ class S3Tier:
         with self._lock:
             return self._drained.wait_for(lambda: self._queued == 0, timeout=timeout_s)
 
-    def _batch(self, operation: Operation, entries: dict[str, bytes]) -> S3Result:
-        result = S3Result()
+    def _batch(self, operation: Operation, entries: dict[str, bytes]) -> TierResult:
+        result = TierResult()
         if not entries:
             return result
         breaker = self.breakers[operation]
@@ -290,21 +298,21 @@ class S3Tier:
         result.errors = sum(causes.values())
         result.elapsed_ms = (time.perf_counter() - start) * 1000
         for cause, count in causes.items():
-            self.faults.fault("s3", f"{operation} {cause}",
+            self.faults.fault(self.name, f"{operation} {cause}",
                               f"bucket {self.bucket!r}, {count} of {len(entries)} key(s) in this batch")
         return result
 
     def _late(self, operation: Operation, future: Future[tuple[Outcome, bytes | str]]) -> None:
         outcome, value = future.result()
         if outcome == "fault" and isinstance(value, str):
-            self.faults.fault("s3", f"{operation} {value}", "answered after the request's deadline")
+            self.faults.fault(self.name, f"{operation} {value}", "answered after the request's deadline")
 
     def _breaker_changed(self, operation: Operation, old: State, new: State, reason: str) -> None:
         if new == "open":
-            logger.warning("cache s3 %s disabled for %g s (bucket %r): %s", operation,
+            logger.warning("cache %s %s disabled for %g s (bucket %r): %s", self.name, operation,
                            self.breakers[operation].cooldown_s, self.bucket, reason)
         elif new == "closed":
-            logger.info("cache s3 %s enabled again (bucket %r): %s", operation, self.bucket, reason)
+            logger.info("cache %s %s enabled again (bucket %r): %s", self.name, operation, self.bucket, reason)
 
     def close(self, wait: bool = True) -> None:
         """Stop the worker threads (tests, server shutdown). Queued calls are cancelled; running ones

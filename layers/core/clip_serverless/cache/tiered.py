@@ -1,185 +1,167 @@
-"""``EmbeddingCache``: memory -> [disk] -> [S3] for one model, hits promoted to the tiers above.
+"""``EmbeddingCache``: an ordered list of tiers (:class:`~.tier.Tier`: memory, [disk], [S3]) for one model,
+looked up in order, hits promoted to the tiers above.
 
-Lookups and writes never raise for a tier fault: a fault is logged (once per batch and cause),
-counted in :class:`CacheStats` and answered as a miss. Values read from disk or S3 are verified by the
-codec (key, model, dimension, sha256); one that fails is a miss and is overwritten when recomputed.
+The cache knows no tier by name: a remote tier is consulted per its policy, written after it answered, and in
+the background when the write mode says so; its counts go to :class:`~.stats.CacheStats` under its name.
+Lookups and writes never raise for a tier fault: a fault is logged (once per batch and cause), counted and
+answered as a miss. Values read as bytes (disk, S3) are verified by the codec (key, model, dimension,
+sha256); one that fails is a miss and is overwritten when recomputed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
+from ..types import Float32Array, Modality
 from . import codec
-from .config import DEFAULT_S3_POLICY, CacheConfig, WriteMode
+from .config import CacheConfig
 from .faultlog import FaultLog
-from .keys import Modality, ModelIdentity, payload_key
+from .keys import ModelIdentity, payload_key
 from .memory import MemoryTier
-from .stats import CacheStats
-
-if TYPE_CHECKING:  # imported when configured: a memory-only cache loads neither tempfile nor a thread pool
-    from ..aws_lambda.metrics import EmfEmitter
-    from .disk import DiskTier
-    from .s3 import S3Tier
-
-Float32Array = npt.NDArray[np.float32]
+from .stats import CacheStats, StatsObserver, TierStats
+from .tier import Entry, Tier, WriteMode
 
 
-@dataclass
+@dataclass(slots=True)
 class Lookup:
-    """The verified hits of one lookup, and whether the request may write its misses to S3."""
+    """The verified hits of one lookup, and the remote tiers that answered it (and so may be written)."""
 
     found: dict[str, Float32Array] = field(default_factory=dict)
-    write_s3: bool = False
+    answered: set[str] = field(default_factory=set)  # names of remote tiers
 
 
 class EmbeddingCache:
-    def __init__(self, model: ModelIdentity, *, memory: MemoryTier | None = None,
-                 disk: DiskTier | None = None, s3: S3Tier | None = None,
-                 s3_policy: Mapping[Modality, int | None] = DEFAULT_S3_POLICY,
-                 write_mode: WriteMode = "sync", metrics: EmfEmitter | None = None,
-                 fault_log: FaultLog | None = None) -> None:
+    def __init__(self, model: ModelIdentity, tiers: Sequence[Tier] = (), *, write_mode: WriteMode = "sync",
+                 observers: Iterable[StatsObserver] = (), fault_log: FaultLog | None = None) -> None:
+        """``tiers`` in lookup order (fastest first); ``write_mode`` for the remote tiers' writes;
+        ``observers`` are told each request's :class:`CacheStats` (metrics)."""
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cache tier names must be unique, got {names}")
         self.model = model
-        self.memory = memory
-        self.disk = disk
-        self.s3 = s3
-        self.s3_policy = dict(s3_policy)
+        self.tiers: tuple[Tier, ...] = tuple(tiers)
         self.write_mode = write_mode
-        self.metrics = metrics
+        self.observers: list[StatsObserver] = list(observers)
         self.faults = fault_log or FaultLog()
 
     @classmethod
-    def from_config(cls, model: ModelIdentity, config: CacheConfig) -> EmbeddingCache:
+    def from_config(cls, model: ModelIdentity, config: CacheConfig,
+                    observers: Iterable[StatsObserver] = ()) -> EmbeddingCache:
         faults = FaultLog()
-        s3 = disk = metrics = None
-        if config.bucket:
-            from .s3 import S3Tier
-
-            s3 = S3Tier(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
-                        connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s,
-                        max_attempts=config.max_attempts, deadline_s=config.deadline_s,
-                        workers=config.workers, breaker_failures=config.breaker_failures,
-                        breaker_cooldown_s=config.breaker_cooldown_s, fault_log=faults)
+        tiers: list[Tier] = []
+        if config.memory_bytes > 0:
+            tiers.append(MemoryTier(config.memory_bytes))
+        # Imported when configured: a memory-only cache loads neither tempfile nor a thread pool.
         if config.disk_dir:
             from .disk import DiskTier
 
-            disk = DiskTier(config.disk_dir, fault_log=faults)
-        if config.metrics:
-            from ..aws_lambda.metrics import EmfEmitter
+            tiers.append(DiskTier(config.disk_dir, fault_log=faults))
+        if config.s3 is not None:
+            from .s3 import S3Tier
 
-            metrics = EmfEmitter(config.metrics_namespace)
-        return cls(
-            model,
-            memory=MemoryTier(config.memory_bytes) if config.memory_bytes > 0 else None,
-            disk=disk,
-            s3=s3,
-            s3_policy=config.s3_policy,
-            write_mode=config.write_mode,
-            metrics=metrics,
-            fault_log=faults,
-        )
+            tiers.append(S3Tier.from_config(config.s3, fault_log=faults))
+        return cls(model, tiers, write_mode=config.write_mode, observers=observers, fault_log=faults)
 
-    # -- the call the service makes ----------------------------------------------------------------
+    # -- what the request path calls ---------------------------------------------------------------
     def key(self, modality: Modality, payload: bytes | memoryview) -> str:
         return payload_key(self.model, modality, payload)
 
-    def embed(self, modality: Modality, payloads: Sequence[bytes],
-              compute: Callable[[Sequence[int]], Float32Array],
-              ) -> tuple[Float32Array, dict[str, int | float | str]]:
-        """Embeddings (N, D) for N payloads (encoded images, or ``keys.text_payload(ids)``), input order.
+    def new_stats(self, modality: Modality, requested: int) -> CacheStats:
+        """Empty statistics for one request, with a slot per tier in lookup order."""
+        return CacheStats(modality=modality, requested=requested, unique=requested,
+                          tiers={tier.name: TierStats() for tier in self.tiers})
 
-        ``compute(indices)`` embeds only the misses, in one call, and returns (len(indices), D) float32.
-        Returns the vectors and ``CacheStats.to_log()``.
-        """
-        from .embedder import embed_cached
-
-        keys = [self.key(modality, payload) for payload in payloads]
-        vectors, stats = embed_cached(self, keys, compute, modality=modality)
-        return vectors, stats.to_log()
-
-    def preload(self, modalities: Iterable[Modality] = ("image", "text")) -> None:
-        """Import boto3 and create the S3 client now (Lambda init), if S3 serves one of these modalities."""
-        if self.s3 is not None and any(self.s3_policy.get(m) is not None for m in modalities):
-            try:
-                self.s3.prepare()
-            except Exception as exc:
-                self.faults.fault("s3", f"client: {type(exc).__name__}", str(exc)[:200])
-
-    # -- tiers -------------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[str], *, modality: Modality, stats: CacheStats) -> Lookup:
         """Look distinct keys up, tier by tier; counts hits, corrupt entries and faults into ``stats``."""
         result = Lookup()
+        found = result.found
         remaining = list(keys)
-        if self.memory is not None:
-            still: list[str] = []
-            for key in remaining:
-                vector = self.memory.get(key)
-                if vector is None:
-                    still.append(key)
-                else:
-                    result.found[key] = vector
-                    stats.memory_hits += 1
-            remaining = still
-        if self.disk is not None and remaining:
-            still = []
-            for key in remaining:
-                blob = self.disk.get(key)
-                vector = self._verify(key, blob, stats) if blob is not None else None
-                if vector is None:
-                    still.append(key)
-                else:
-                    result.found[key] = vector
-                    stats.disk_hits += 1
-                    if self.memory is not None:
-                        self.memory.put(key, vector)
-            remaining = still
-        if self.s3 is None or not remaining:
-            return result
-        threshold = self.s3_policy.get(modality)
-        if threshold is None or len(remaining) < threshold:
-            stats.s3_skipped = "policy"  # computing these few costs less than a round trip to S3
-            return result
-        fetched = self.s3.get_many(remaining)
-        stats.s3_skipped = fetched.skipped
-        stats.s3_lookups = 0 if fetched.skipped else len(remaining)
-        stats.errors += fetched.errors
-        # Write back only if S3 answered: after a failed read, a write would fail the same way and
-        # double the time this request spends on a broken S3.
-        result.write_s3 = fetched.ok > 0
-        for key, blob in fetched.found.items():
-            vector = self._verify(key, blob, stats)
-            if vector is None:
+        above: list[Tier] = []  # tiers already consulted that take this lookup's hits
+        for tier in self.tiers:
+            if not remaining:
+                break
+            counts = stats.tiers.get(tier.name)
+            if counts is None:
+                counts = stats.tiers[tier.name] = TierStats()
+            threshold = tier.policy.get(modality)
+            if threshold is None or len(remaining) < threshold:
+                counts.skipped = "policy"  # computing these few costs less than a round trip
                 continue
-            result.found[key] = vector
-            stats.s3_hits += 1
-            if self.memory is not None:
-                self.memory.put(key, vector)
-            if self.disk is not None:
-                self.disk.put(key, blob)
+            got = tier.get_many(remaining)
+            stats.errors += got.errors
+            if tier.remote:
+                counts.skipped = got.skipped
+                counts.lookups = 0 if got.skipped else len(remaining)
+                # Write back only if the tier answered: after a failed read, a write would fail the same way
+                # and double the time this request spends on a broken tier.
+                if got.ok > 0:
+                    result.answered.add(tier.name)
+            hits = len(found)
+            promote: dict[str, Entry] = {}
+            if got.vectors:  # a vector tier holds what this process computed or verified
+                found.update(got.vectors)
+                if above:
+                    promote.update((key, self._entry(key, vector)) for key, vector in got.vectors.items())
+            for key, blob in got.found.items():
+                verified = self._verify(key, blob, stats)
+                if verified is not None:
+                    found[key] = verified
+                    promote[key] = Entry(verified, blob)
+            if len(found) > hits:
+                counts.hits += len(found) - hits
+                remaining = [key for key in remaining if key not in found]
+                if promote:
+                    for upper in above:
+                        self._put(upper, promote, stats)
+            if self._writable(tier, result):
+                above.append(tier)
         return result
 
-    def store(self, vectors: Mapping[str, Float32Array], *, write_s3: bool, stats: CacheStats) -> None:
-        """Write computed (D,) vectors to memory, disk and (if ``write_s3``) S3, overwriting old entries."""
-        blobs: dict[str, bytes] = {}
+    def store(self, vectors: Mapping[str, Float32Array], *, lookup: Lookup, stats: CacheStats) -> None:
+        """Write computed (D,) vectors to every local tier and to the remote tiers that answered ``lookup``."""
+        entries: dict[str, Entry] = {}
         for key, vector in vectors.items():
             try:
-                blob = codec.encode(key, self.model.model_id, vector)
+                entries[key] = Entry(vector, codec.encode(key, self.model.model_id, vector))
             except ValueError as exc:  # NaN/inf from the model: return it, never store it
                 self.faults.fault("store", "vector not stored", str(exc))
-                continue
-            blobs[key] = blob
-            if self.memory is not None:
-                self.memory.put(key, vector)
-            if self.disk is not None:
-                self.disk.put(key, blob)
-        if self.s3 is not None and write_s3 and blobs:
-            written = self.s3.put_many(blobs, wait_for_completion=self.write_mode == "sync")
-            stats.s3_writes += written.ok
-            stats.errors += written.errors
+        if not entries:
+            return
+        for tier in self.tiers:
+            if self._writable(tier, lookup):
+                self._put(tier, entries, stats)
+
+    def notify(self, stats: CacheStats) -> None:
+        """Tell the observers (metrics) what one request did."""
+        for observer in self.observers:
+            observer(stats)
+
+    def observe(self, observer: StatsObserver) -> None:
+        """Add an observer after construction (the Lambda entry wires its EMF emitter in)."""
+        self.observers.append(observer)
+
+    # -- tiers -------------------------------------------------------------------------------------
+    @property
+    def has_remote_tiers(self) -> bool:
+        """Whether any write can be deferred past the response (what the Lambda extension drains)."""
+        return any(tier.remote for tier in self.tiers)
+
+    def tier(self, name: str) -> Tier | None:
+        return next((tier for tier in self.tiers if tier.name == name), None)
+
+    def _writable(self, tier: Tier, lookup: Lookup) -> bool:
+        return not tier.remote or tier.name in lookup.answered
+
+    def _put(self, tier: Tier, entries: Mapping[str, Entry], stats: CacheStats) -> None:
+        written = tier.put_many(entries, wait_for_completion=not tier.remote or self.write_mode == "sync")
+        stats.errors += written.errors
+        if tier.remote:
+            stats.tiers.setdefault(tier.name, TierStats()).writes += written.ok
+
+    def _entry(self, key: str, vector: Float32Array) -> Entry:
+        return Entry(vector, codec.encode(key, self.model.model_id, vector))
 
     def _verify(self, key: str, blob: bytes, stats: CacheStats) -> Float32Array | None:
         try:
@@ -189,14 +171,38 @@ class EmbeddingCache:
             self.faults.fault("entry", "corrupt entry recomputed", f"{key}: {exc}")
             return None
 
-    def emit(self, stats: CacheStats) -> None:
-        if self.metrics is not None:
-            self.metrics.emit(stats)
+    # -- life cycle --------------------------------------------------------------------------------
+    def preload(self, modalities: Iterable[Modality] = ("image", "text")) -> None:
+        """Create clients now (Lambda init: boto3 and the S3 client), for the tiers serving these modalities."""
+        wanted = tuple(modalities)
+        for tier in self.tiers:
+            if any(tier.policy.get(m) is not None for m in wanted):
+                try:
+                    tier.prepare()
+                except Exception as exc:
+                    self.faults.fault(tier.name, f"client: {type(exc).__name__}", str(exc)[:200])
+
+    def renew(self) -> list[str]:
+        """New clients and connection pools for every tier that has them (after a SnapStart restore); the
+        names of the tiers renewed. Never raises."""
+        renewed: list[str] = []
+        for tier in self.tiers:
+            try:
+                if tier.renew():
+                    renewed.append(tier.name)
+            except Exception as exc:
+                self.faults.fault(tier.name, f"renew: {type(exc).__name__}", str(exc)[:200])
+        return renewed
 
     def drain(self, timeout_s: float = 1.0) -> bool:
-        """Wait (bounded) for background S3 writes to finish; True when none is pending."""
-        return self.s3.drain(timeout_s) if self.s3 is not None else True
+        """Wait (bounded, over all tiers) for queued remote writes; True when none is pending."""
+        deadline = time.monotonic() + timeout_s
+        drained = True
+        for tier in self.tiers:
+            if tier.remote:
+                drained = tier.drain(max(0.0, deadline - time.monotonic())) and drained
+        return drained
 
     def close(self) -> None:
-        if self.s3 is not None:
-            self.s3.close()
+        for tier in self.tiers:
+            tier.close()
