@@ -12,7 +12,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import pytest
@@ -56,7 +56,8 @@ class FakeClock:
 
 def client_error(code: str, status: int, operation: str = "GetParameter") -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": f"{code} (test)"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+                        "ResponseMetadata": {"RequestId": "test", "HostId": "", "HTTPStatusCode": status,
+                                             "HTTPHeaders": {}, "RetryAttempts": 0}}, operation)
 
 
 class ScriptedClient:
@@ -96,7 +97,7 @@ def read(env: dict[str, str], client: Any, clock: FakeClock, *, retry: RetryPoli
                            clock=clock, uniform=uniform)
 
 
-def stubbed(service: str) -> tuple[Any, Stubber]:
+def stubbed(service: Literal["ssm", "secretsmanager"]) -> tuple[Any, Stubber]:
     client = boto3.session.Session().client(service, region_name=REGION)
     return client, Stubber(client)
 
