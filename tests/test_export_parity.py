@@ -26,7 +26,6 @@ from clip_export.architectures import (
     tiny_config,
     vision_config,
 )
-from clip_export.build_tokenizer import build_tokenizer_json, find_bpe_file
 from clip_export.onnx_export import export_model_dir
 from clip_export.pretrained import PretrainedUnavailable, export_pretrained, load_pretrained
 from clip_export.synthetic import synthetic_model, synthetic_provenance
@@ -51,11 +50,6 @@ Float32Array = npt.NDArray[np.float32]
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tokenizer_json() -> str:
-    return build_tokenizer_json(find_bpe_file())
 
 
 def _export(model: CLIPModel, out: Path, tokenizer_json: str, arch: str) -> ModelDir:

@@ -15,7 +15,6 @@ build script's helpers (strip, pip, cache, the demo-model warning).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,10 +22,11 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.handlers import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
@@ -48,15 +48,7 @@ TINY_REQUIREMENTS = {
 ELF_MACHINE = {0x3E: "x86_64", 0xB7: "arm64"}
 
 
-def load_build_layer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_layer", REPO / "infra" / "build_layer.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_layer = load_build_layer()
+build_layer = load_module("build_layer", REPO / "infra" / "build_layer.py")
 
 
 def template_layers() -> dict[str, dict[str, Any]]:

@@ -7,18 +7,19 @@ infra/build_layer.py puts into each layer. The override parser is compared with 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.handlers import load_module
+from tests.sam_cli import sam_python
 
 REPO = Path(__file__).resolve().parents[1]
 SAMCONFIG = """\
@@ -36,16 +37,7 @@ stack_name = "clip-serverless-image"
 """
 
 
-def load_checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("predeploy_check", REPO / "infra" / "predeploy_check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["predeploy_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = load_checker()
+pc = load_module("predeploy_check", REPO / "infra" / "predeploy_check.py")
 
 
 # The stack's Model output, as the check passes it for the demo model the fake builds hold.
@@ -233,15 +225,6 @@ def test_the_command_runs_with_the_overrides_only_when_the_check_passes(tmp_path
     assert "--parameter-overrides" not in refused.stdout  # the command did not run
 
 
-def sam_python() -> Path:
-    import os
-
-    sam = Path(os.environ.get("CLIP_SAM") or REPO / ".venv-sam" / "bin" / "sam")
-    python = sam.parent / "python"
-    assert python.exists(), f"the SAM CLI's Python ({python}) is missing: `make sam-setup` installs it"
-    return python
-
-
 OVERRIDE_CASES = [
     "ApiKeySource=none",
     "ApiKeySource=none Architecture=arm64",
@@ -266,22 +249,20 @@ def test_overrides_are_parsed_as_the_sam_cli_parses_them() -> None:
 
 
 # ---- teardown ------------------------------------------------------------------------------------------
-def test_empty_cache_bucket_empties_the_stacks_bucket(tmp_path: Path) -> None:
+def test_empty_cache_bucket_empties_the_stacks_bucket(tmp_path: Path, aws: None) -> None:
     import boto3
-    from moto import mock_aws
 
     config = write_samconfig(tmp_path)
     stack = {"Resources": {"CacheBucket": {"Type": "AWS::S3::Bucket"}},
              "Outputs": {"CacheBucketName": {"Value": {"Ref": "CacheBucket"}}}}
-    with mock_aws():
-        session = boto3.session.Session(region_name="us-east-1")
-        assert "nothing to empty" in pc.empty_cache_bucket(config, "default", session=session)
-        session.client("cloudformation").create_stack(StackName="clip-serverless", TemplateBody=json.dumps(stack))
-        (output,) = session.client("cloudformation").describe_stacks(StackName="clip-serverless")["Stacks"][0][
-            "Outputs"]
-        s3 = session.client("s3")
-        for i in range(3):
-            s3.put_object(Bucket=output["OutputValue"], Key=f"embeddings/{i}", Body=b"x")
-        message = pc.empty_cache_bucket(config, "default", session=session)
-        assert f"emptied {output['OutputValue']}" in message and "3 objects" in message
-        assert s3.list_objects_v2(Bucket=output["OutputValue"])["KeyCount"] == 0
+    session = boto3.session.Session(region_name="us-east-1")
+    assert "nothing to empty" in pc.empty_cache_bucket(config, "default", session=session)
+    session.client("cloudformation").create_stack(StackName="clip-serverless", TemplateBody=json.dumps(stack))
+    (output,) = session.client("cloudformation").describe_stacks(StackName="clip-serverless")["Stacks"][0][
+        "Outputs"]
+    s3 = session.client("s3")
+    for i in range(3):
+        s3.put_object(Bucket=output["OutputValue"], Key=f"embeddings/{i}", Body=b"x")
+    message = pc.empty_cache_bucket(config, "default", session=session)
+    assert f"emptied {output['OutputValue']}" in message and "3 objects" in message
+    assert s3.list_objects_v2(Bucket=output["OutputValue"])["KeyCount"] == 0

@@ -11,7 +11,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from clip_export.architectures import TINY_DIMS
-from clip_export.build_tokenizer import build_tokenizer_json, find_bpe_file
 from clip_export.onnx_export import example_ids, export_model_dir
 from clip_export.quantize import (
     REPORT_FILE,
@@ -34,11 +33,11 @@ def quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
+def fp32_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_json: str) -> ModelDir:
     out = tmp_path_factory.mktemp("quantize") / "tiny"
     export_model_dir(synthetic_model(TINY_DIMS, seed=5), out, model_id="clip/tiny",
                      provenance=synthetic_provenance("tiny", 5),
-                     tokenizer_json=build_tokenizer_json(find_bpe_file()), progress=quiet)
+                     tokenizer_json=tokenizer_json, progress=quiet)
     return ModelDir.open(out)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sam_cli import sam_cli
+
 pytestmark = pytest.mark.sam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +28,6 @@ ENVS = {  # env: (source template, build directory)
     "image": ("template.image.yaml", ".aws-sam/build-image"),
 }
 TIMEOUT = 60
-
-
-def sam_cli() -> str:
-    candidate = os.environ.get("CLIP_SAM") or str(REPO / ".venv-sam" / "bin" / "sam")
-    assert Path(candidate).exists() or shutil.which(candidate), \
-        f"AWS SAM CLI not found at {candidate}: `make sam-setup` installs it into .venv-sam"
-    return candidate
 
 
 def copy_project(root: Path) -> Path:

@@ -50,16 +50,6 @@ def reference(reference_module: ModuleType) -> Any:
 
 
 @pytest.fixture(scope="session")
-def bpe_path() -> Path:
-    return build_tokenizer.find_bpe_file()
-
-
-@pytest.fixture(scope="session")
-def tokenizer_json(bpe_path: Path) -> str:
-    return build_tokenizer.build_tokenizer_json(bpe_path)
-
-
-@pytest.fixture(scope="session")
 def tokenizer_path(tokenizer_json: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     path.write_text(tokenizer_json, encoding="utf-8")
