@@ -103,3 +103,6 @@ def fake_aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
 
+
+# Fixtures shared by a few modules, each file on its own topic (AWS stand-ins, the CLIP tokenizer).
+pytest_plugins = ["tests.fixtures_aws", "tests.fixtures_tokenizer"]

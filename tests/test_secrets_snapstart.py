@@ -30,7 +30,6 @@ from clip_serverless.aws_lambda.secrets import (
     resolve_api_key,
 )
 from clip_serverless.cache.s3 import S3Tier
-from moto import mock_aws
 
 REGION = "us-east-1"
 PARAMETER = "/clip-serverless/api-key"
@@ -252,12 +251,6 @@ def test_a_fixed_or_absent_key_is_not_refreshable_and_never_shown() -> None:
     assert fixed.get() == "s3cret" and fixed.refresh() is False
     assert "s3cret" not in repr(fixed)
     assert ApiKey.from_env({"CLIP_API_KEY": "direct", SSM_VARIABLE: PARAMETER}).get() == "direct"
-
-
-@pytest.fixture
-def aws() -> Iterator[None]:
-    with mock_aws():
-        yield
 
 
 def test_refresh_reads_the_rotated_key_and_fails_closed(aws: None) -> None:
