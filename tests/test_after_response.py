@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 from clip_serverless.aws_lambda import after_response as ar
+from clip_serverless.aws_lambda.drain_extension import DRAIN_TIMEOUT_S, EXTENSION_NAME, THREAD_NAME
+from clip_serverless.aws_lambda.extensions_api import REGISTER_TIMEOUT_S
 from clip_serverless.cache import EmbeddingCache, ModelIdentity, embed_cached
 from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
@@ -167,7 +169,7 @@ def no_leaked_extension() -> Iterator[None]:
     yield
     ar.uninstall()
     for thread in threading.enumerate():
-        if thread.name == ar.THREAD_NAME:
+        if thread.name == THREAD_NAME:
             thread.join(BOUND)
             assert not thread.is_alive(), "the extension thread outlived its test"
 
@@ -259,7 +261,7 @@ def test_registers_for_invoke_with_the_documented_request(lambda_api: FakeLambda
     assert ar.install(cache, lambda_api.env())
     register = lambda_api.calls[0]
     assert (register.method, register.path) == ("POST", "/2020-01-01/extension/register")
-    assert register.headers["Lambda-Extension-Name"] == ar.EXTENSION_NAME
+    assert register.headers["Lambda-Extension-Name"] == EXTENSION_NAME
     assert json.loads(register.body) == {"events": ["INVOKE"]}  # internal extensions may not ask for SHUTDOWN
     # Init is complete only once the extension calls /event/next, with its identifier.
     first = lambda_api.wait_for_nexts(1)[0]
@@ -323,7 +325,7 @@ def test_drain_starts_only_after_the_handler_ended(lambda_api: FakeLambdaApi) ->
     assert len(cache.drains) == 1
     drain_start, drain_end, timeout = cache.drains[0]
     assert ended <= drain_start and drain_end <= nexts[1].at
-    assert 0 < timeout <= ar.DRAIN_TIMEOUT_S
+    assert 0 < timeout <= DRAIN_TIMEOUT_S
 
 
 def test_a_handler_that_raises_still_ends_the_invocation(lambda_api: FakeLambdaApi) -> None:
@@ -389,7 +391,7 @@ def test_register_404_leaves_the_cache_in_sync_mode(lambda_api: FakeLambdaApi,
         assert not ar.install(cache, lambda_api.env())
     assert cache.write_mode == "sync" and ar.installed() is None
     assert [c.path for c in lambda_api.calls] == ["/2020-01-01/extension/register"]
-    assert not [t for t in set(threading.enumerate()) - before if t.name == ar.THREAD_NAME]
+    assert not [t for t in set(threading.enumerate()) - before if t.name == THREAD_NAME]
     assert "HTTP 404" in caplog.text
     cache.close()
 
@@ -410,7 +412,7 @@ def test_unreachable_api_leaves_the_cache_in_sync_mode() -> None:
     start = time.monotonic()
     env = {"AWS_LAMBDA_FUNCTION_NAME": "f", "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{_closed_port()}"}
     assert not ar.install(cache, env)
-    assert cache.write_mode == "sync" and time.monotonic() - start < ar.REGISTER_TIMEOUT_S + 1.0
+    assert cache.write_mode == "sync" and time.monotonic() - start < REGISTER_TIMEOUT_S + 1.0
 
 
 def test_failing_event_next_falls_back_to_sync_and_ends_the_thread(lambda_api: FakeLambdaApi,
