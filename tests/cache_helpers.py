@@ -1,6 +1,7 @@
 """What the cache tests share: a fake model with deterministic vectors, entries for byte tiers, a thread hammer.
 
-Fixtures (fake AWS credentials, the moto server) are in ``conftest.py``.
+Fixtures (fake AWS credentials, the moto server) are in ``conftest.py``; S3 buckets and listings in
+``fixtures_aws.py``.
 """
 
 from __future__ import annotations

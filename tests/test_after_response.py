@@ -32,6 +32,7 @@ from clip_serverless.cache.memory import MemoryTier
 from clip_serverless.cache.s3 import S3Tier
 from clip_serverless.cache.tier import WriteMode
 
+from tests.fixtures_aws import create_bucket, s3_keys
 from tests.lambda_events import FakeContext
 
 DIM = 8
@@ -471,14 +472,11 @@ def test_one_extension_per_process_drains_every_cache(lambda_api: FakeLambdaApi)
 def test_the_lambda_handler_writes_s3_after_the_response(lambda_api: FakeLambdaApi, tiny_model_path: Path,
                                                          moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """End to end: a function module (handler_for) on "Lambda", S3 on a moto server."""
-    import boto3
-
     from tests.handlers import load_function
     from tests.lambda_events import http_api_event, response_json
 
     url = moto_server
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    s3.create_bucket(Bucket="after-response")
+    create_bucket("after-response", url)
     env = lambda_api.env(CLIP_MODEL_DIR=str(tiny_model_path), CLIP_CACHE="on", CLIP_CACHE_BUCKET="after-response",
                          CLIP_CACHE_S3_ENDPOINT_URL=url, CLIP_CACHE_S3_POLICY="text=1", CLIP_CACHE_METRICS="off")
     try:
@@ -492,8 +490,8 @@ def test_the_lambda_handler_writes_s3_after_the_response(lambda_api: FakeLambdaA
         response, _ = run_invocation(lambda_api, handler, event)
         assert response["statusCode"] == 200 and len(response_json(response)["embeddings"]) == 1
         lambda_api.wait_for_nexts(2)
-        listing = s3.list_objects_v2(Bucket="after-response")
-        assert [item["Key"] for item in listing.get("Contents", []) if "/text/" in item["Key"]], listing
+        listing = s3_keys("after-response", url)
+        assert [key for key in listing if "/text/" in key], listing
     finally:
         ar.uninstall()
 

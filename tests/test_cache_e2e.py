@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 
 from tests.conftest import image_obj
+from tests.fixtures_aws import create_bucket, s3_keys
 from tests.handlers import load_function
 from tests.lambda_events import FakeContext, http_api_event, response_headers, response_json
 
@@ -21,13 +21,8 @@ CAPTIONS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of
 
 @pytest.fixture(scope="module")
 def moto_url(moto_server: str) -> str:
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    create_bucket(BUCKET, moto_server)
     return moto_server
-
-
-def s3_keys(url: str) -> list[str]:
-    listing = boto3.client("s3", endpoint_url=url, region_name="us-east-1").list_objects_v2(Bucket=BUCKET)
-    return sorted(item["Key"] for item in listing.get("Contents", []))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +59,7 @@ def test_embed_text_fills_s3_and_compare_hits_it(functions: dict[str, Any], moto
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _, headers = call(functions["embed_text"], "embed_text", {"text": CAPTIONS})
     assert cache_stats(headers)["misses"] == 4
-    text_keys = [k for k in s3_keys(moto_url) if "/text/" in k]
+    text_keys = [k for k in s3_keys(BUCKET, moto_url) if "/text/" in k]
     assert len(text_keys) == 4 and all(k.startswith("e2e/tiny-shapes/") for k in text_keys)
 
     # compare must not run the text tower for these prompts: count encoder calls.

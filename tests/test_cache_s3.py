@@ -24,6 +24,7 @@ from clip_serverless.cache.s3 import S3Tier
 from moto import mock_aws
 
 from tests.cache_helpers import DIM, CountingCompute, entry, expected, hammer, vector_for
+from tests.fixtures_aws import REGION, create_bucket
 
 MODEL = ModelIdentity(model_id="clip/ViT-B-32", digest="ab" * 32, embed_dim=DIM)
 BOTH: dict[Modality, int | None] = {"image": 1, "text": 1}
@@ -46,11 +47,11 @@ class Backend:
     tiers: list[S3Tier] = field(default_factory=list)
 
     def client(self) -> Any:
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION)
 
     def bucket(self) -> str:
         name = f"clip-cache-test-{next(_names)}"
-        self.client().create_bucket(Bucket=name)
+        create_bucket(name, self.endpoint)
         return name
 
     def tier(self, bucket: str, **kwargs: Any) -> S3Tier:
