@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clip_serverless.api.endpoints import REGISTRY, endpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
@@ -40,7 +41,11 @@ pytestmark = [pytest.mark.sam, pytest.mark.lambda312]  # sam build, then the fun
 EVENTS = REPO / "events"
 TEST_BUILD = REPO / "build" / "sam-test"
 MiB = 1024 * 1024
-ENDPOINTS = {"embed_text": "EmbedTextFunction", "embed_image": "EmbedImageFunction", "compare": "CompareFunction"}
+FUNCTIONS = {spec.name: spec.function for spec in REGISTRY}  # every endpoint's function
+# The CLIP endpoints (Roboflow's API), whose answers are compared with the app's /clip/<endpoint>.
+ENDPOINTS = {name: function for name, function in FUNCTIONS.items() if endpoint(name).api == "roboflow"}
+# The functions others ask for vectors through Invoke (compare: embed_text).
+INVOKED = sorted({endpoint(spec.invokes.endpoint).function for spec in REGISTRY if spec.invokes is not None})
 BUCKET = "clip-cache-test"
 PREFIX = "embeddings/"
 SSM_KEY_NAME = "/clip-serverless/api-key"
@@ -102,7 +107,7 @@ def test_sam_validate(sam_env: dict[str, str], template: str, lint: bool) -> Non
 
 
 def test_build_has_every_function_and_layer(built: BuiltApp) -> None:
-    assert set(built.functions) == set(ENDPOINTS.values())
+    assert set(built.functions) == set(FUNCTIONS.values())
     for fn in built.functions.values():
         assert (fn.code / "app.py").exists()
         assert all(layer.path.is_dir() for layer in fn.layers)
@@ -151,11 +156,12 @@ def s3_keys(endpoint: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lambda_service(built: BuiltApp, moto_endpoint: str, lambda_python: str) -> Iterator[LambdaService]:
-    """Lambda's Invoke API serving the built EmbedTextFunction: where compare gets its text vectors."""
+    """Lambda's Invoke API serving the built functions that others invoke: EmbedTextFunction (compare's text
+    vectors)."""
     with LambdaService() as service:
-        spec = built_function(built, "EmbedTextFunction", resources={"CacheBucket": BUCKET},
-                              parameters={"CachePrefix": PREFIX})
-        service.register(spec, python=lambda_python, env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
+        for name in INVOKED:
+            spec = built_function(built, name, resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
+            service.register(spec, python=lambda_python, env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
         yield service
 
 
@@ -165,13 +171,14 @@ def functions(built: BuiltApp, moto_endpoint: str, lambda_python: str, lambda_se
     """One execution environment per function, started once for this module (cold start each)."""
     running = {}
     try:
-        for endpoint, name in ENDPOINTS.items():
-            spec = built_function(built, name, resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
-            fn = LocalLambda(spec, tmp_path_factory.mktemp(endpoint), python=lambda_python,
+        for name, function in FUNCTIONS.items():
+            spec = built_function(built, function, resources={"CacheBucket": BUCKET},
+                                  parameters={"CachePrefix": PREFIX})
+            fn = LocalLambda(spec, tmp_path_factory.mktemp(name), python=lambda_python,
                              env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint,
                                   "AWS_ENDPOINT_URL_LAMBDA": lambda_service.endpoint_url})
             fn.start()
-            running[endpoint] = fn
+            running[name] = fn
         yield running
     finally:
         for fn in running.values():

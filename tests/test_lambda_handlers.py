@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clip_serverless.api.endpoints import ENDPOINTS
 
 from tests.conftest import REPO, b64, image_obj, shape_png
 from tests.handlers import load_function
@@ -29,7 +30,7 @@ def handlers(tiny_model_path: Path) -> dict[str, Any]:
     mp.setenv("CLIP_CACHE", "off")
     mp.setenv("CLIP_MAX_BODY_BYTES", str(6 * 1024 * 1024))
     try:
-        return {name: load_function(name).handler for name in ("embed_image", "embed_text", "compare")}
+        return {name: load_function(name).handler for name in ENDPOINTS}  # every endpoint of the registry
     finally:
         mp.undo()
 

@@ -75,6 +75,13 @@ def alias_names(template: dict[str, Any]) -> dict[str, str]:
             for res in template["Resources"].values() if res["Type"] == "AWS::Lambda::Alias"}
 
 
+def test_the_functions_are_the_registrys(flavour: str) -> None:
+    """What the tests below cover is every endpoint's function (clip_serverless/api/endpoints.py)."""
+    from clip_serverless.api.endpoints import REGISTRY
+
+    assert set(functions_and_layers(flavour)) == {spec.function for spec in REGISTRY}
+
+
 def test_every_function_has_a_live_alias(flavour: str) -> None:
     template = translate(flavour)
     assert alias_names(template) == {name: "live" for name in functions_and_layers(flavour)}

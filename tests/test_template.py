@@ -2,6 +2,9 @@
 
 Asserts what the deployment promises: routes, layers per function, environment, least-privilege
 policies, and the cache bucket's settings; and that the container-image flavour deploys the same API.
+The functions, their routes, the towers they carry and the functions they invoke are read from the endpoint
+registry (clip_serverless/api/endpoints.py), which the templates, being YAML, cannot import: these tests
+are what keeps both templates in step with it.
 """
 
 from __future__ import annotations
@@ -14,18 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clip_serverless.api.endpoints import REGISTRY, SITE_ROUTES, EndpointSpec, endpoint
+from clip_serverless.types import Tower
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = {"zip": REPO / "template.yaml", "image": REPO / "template.image.yaml"}
-FUNCTIONS = ("EmbedTextFunction", "EmbedImageFunction", "CompareFunction")
-ROUTES = {
-    ("/clip/embed_text", "post"): "EmbedTextFunction",
-    ("/clip/embed_image", "post"): "EmbedImageFunction",
-    ("/clip/compare", "post"): "CompareFunction",
-    ("/healthz", "get"): "EmbedTextFunction",
-    ("/info", "get"): "EmbedTextFunction",
-    ("/", "get"): "EmbedTextFunction",
-}
+FUNCTIONS = tuple(spec.function for spec in REGISTRY)
+SPEC_OF = {spec.function: spec for spec in REGISTRY}
+ROUTES = {(path, method.lower()): spec.function for spec in REGISTRY for method, path in spec.gateway_routes}
+# The template parameter each invoked tower's timeout comes from.
+TIMEOUT_PARAMETER: dict[Tower, str] = {"textual": "TextFunctionTimeout"}
 
 
 class _NoManagedPolicies:
@@ -88,6 +89,18 @@ def test_routes_send_each_endpoint_to_its_function(flavour: str) -> None:
     assert routes(cfn(flavour)) == ROUTES
 
 
+def test_the_clip_routes_stay_where_they_were(flavour: str) -> None:
+    """The registry moved them into one place; Roboflow's routes and the site routes did not move."""
+    assert {
+        ("/clip/embed_text", "post"): "EmbedTextFunction",
+        ("/clip/embed_image", "post"): "EmbedImageFunction",
+        ("/clip/compare", "post"): "CompareFunction",
+        ("/healthz", "get"): "EmbedTextFunction",
+        ("/info", "get"): "EmbedTextFunction",
+        ("/", "get"): "EmbedTextFunction",
+    }.items() <= routes(cfn(flavour)).items()
+
+
 def test_every_function_runs_python312_on_the_chosen_architecture_below_the_gateway_timeout(flavour: str) -> None:
     template = cfn(flavour)
     timeout = template["Parameters"]["FunctionTimeout"]
@@ -105,11 +118,8 @@ def test_every_function_runs_python312_on_the_chosen_architecture_below_the_gate
     assert set(template["Parameters"]["Architecture"]["AllowedValues"]) == {"x86_64", "arm64"}
 
 
-ENDPOINT_OF = {"EmbedTextFunction": "embed_text", "EmbedImageFunction": "embed_image", "CompareFunction": "compare"}
-
-
 def _endpoint(function: str) -> str:
-    return ENDPOINT_OF[function]
+    return SPEC_OF[function].name
 
 
 def test_zip_functions_carry_only_the_layers_they_need() -> None:
@@ -118,9 +128,21 @@ def test_zip_functions_carry_only_the_layers_they_need() -> None:
     assert layer_names(template, "EmbedImageFunction") == ["CoreLayer", "DepsImageLayer", "ModelVisualLayer"]
     # compare: one tower, like the others; its text vectors come from EmbedTextFunction (Invoke).
     assert layer_names(template, "CompareFunction") == ["CoreLayer", "DepsAllLayer", "ModelVisualLayer"]
+    for spec in REGISTRY:
+        assert layer_names(template, spec.function) == expected_layers(spec), spec.name
     for layer in resources(template, "AWS::Lambda::LayerVersion").values():
         runtimes = layer["Properties"].get("CompatibleRuntimes")
         assert runtimes in (None, ["python3.12"])
+
+
+def expected_layers(spec: EndpointSpec) -> list[str]:
+    """What a function needs by its registry entry, and nothing more: the tokenizer wherever text is
+    tokenized (its own text tower, or another's), Pillow where images are decoded (its image tower), and
+    the model layer of the one tower it runs (the image tower's carries the tokenizer too)."""
+    tokenizes, decodes = "textual" in spec.preload, "visual" in spec.towers
+    deps = {(True, False): "DepsTextLayer", (False, True): "DepsImageLayer", (True, True): "DepsAllLayer"}
+    assert len(spec.towers) == 1, f"{spec.name}: one tower per function (250 MiB)"
+    return ["CoreLayer", deps[(tokenizes, decodes)], "ModelVisualLayer" if decodes else "ModelTextLayer"]
 
 
 def test_environment_points_each_function_at_its_model_and_the_cache(flavour: str) -> None:
@@ -140,6 +162,13 @@ def test_environment_points_each_function_at_its_model_and_the_cache(flavour: st
     env = template["Resources"]["CompareFunction"]["Properties"]["Environment"]["Variables"]
     assert env["CLIP_TEXT_FUNCTION"] == {"Ref": "EmbedTextFunctionAliaslive"}
     assert env["CLIP_TEXT_FUNCTION_TIMEOUT"] == {"Ref": "TextFunctionTimeout"}
+    for spec in REGISTRY:  # each function that invokes another is told which (its live alias), and nothing else
+        env = template["Resources"][spec.function]["Properties"]["Environment"]["Variables"]
+        named = {key for key in env if key in ("CLIP_TEXT_FUNCTION", "CLIP_IMAGE_FUNCTION")}
+        assert named == ({spec.invokes.env} if spec.invokes else set()), spec.name
+        if spec.invokes is not None:
+            assert env[spec.invokes.env] == {"Ref": f"{endpoint(spec.invokes.endpoint).function}Aliaslive"}
+            assert env[f"{spec.invokes.env}_TIMEOUT"] == {"Ref": TIMEOUT_PARAMETER[spec.invokes.tower]}
 
 
 def _statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
@@ -181,10 +210,13 @@ def test_functions_may_touch_only_the_cache_prefix_and_their_key(flavour: str) -
                 resource = named["Fn::Sub"]
             assert "${ApiKeyName}" in resource and "*" not in resource
         others = [s for s in plain if s not in s3 and not _is_sam_basic_execution(s)]
+        invokes = SPEC_OF[name].invokes
         if name == "CompareFunction":  # and invoke embed_text's live alias, nothing else
+            assert invokes is not None and endpoint(invokes.endpoint).function == "EmbedTextFunction"
+        if invokes is not None:  # and invoke the live alias of the function its entry names, nothing else
             (invoke,) = others
             assert _list(invoke["Action"]) == ["lambda:InvokeFunction"]
-            assert invoke["Resource"] == {"Ref": "EmbedTextFunctionAliaslive"}
+            assert invoke["Resource"] == {"Ref": f"{endpoint(invokes.endpoint).function}Aliaslive"}
         else:
             assert others == []
         for statement in statements:
@@ -291,3 +323,41 @@ def test_cors_origins_parameter_accepts_origins_only() -> None:
         assert re.fullmatch(pattern, good), good
     for bad in ("app.example.com", "https://a.example, https://b.example", "https://a.example,"):
         assert not re.fullmatch(pattern, bad), bad
+
+
+# -- the registry itself: what the templates are checked against ------------------------------------------
+def test_the_templates_deploy_exactly_the_registrys_functions(flavour: str) -> None:
+    template = cfn(flavour)
+    assert set(resources(template, "AWS::Lambda::Function")) == set(FUNCTIONS)
+    assert set(template["Outputs"]) >= {f"{name}Name" for name in FUNCTIONS}
+
+
+def test_every_endpoint_has_its_function_module_and_events() -> None:
+    for spec in REGISTRY:
+        app = (REPO / "functions" / spec.name / "app.py").read_text()
+        assert f'handler_for("{spec.name}")' in app, spec.name
+        for payload in ("http-api", "rest-api"):
+            assert (REPO / "events" / f"{spec.name}.{payload}.json").exists(), (spec.name, payload)
+
+
+def test_the_registry_is_consistent() -> None:
+    import typing
+
+    from clip_serverless.api.routes import ClipRoutes
+
+    handlers = {"roboflow": ClipRoutes}
+    assert len({spec.name for spec in REGISTRY}) == len(REGISTRY) == len(set(FUNCTIONS))
+    assert [spec.name for spec in REGISTRY if spec.site] == ["embed_text"]
+    assert len(ROUTES) == sum(len(spec.gateway_routes) for spec in REGISTRY)  # no route served twice
+    for spec in REGISTRY:
+        assert set(spec.towers) <= set(spec.preload)
+        if spec.invokes is not None:  # the function it asks lends that tower, and it does not run it itself
+            assert endpoint(spec.invokes.endpoint).lends == spec.invokes.tower
+            assert spec.invokes.tower not in spec.towers
+        if spec.lends is not None:
+            assert spec.lends in spec.towers
+        for route in spec.routes:
+            assert (route.method, route.path) not in SITE_ROUTES
+            handler = getattr(handlers[spec.api], route.handler)
+            hints = typing.get_type_hints(handler)
+            assert hints.get("body") == route.request, (spec.name, route.path)  # the body model it declares

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.model_dir import ModelDir
 from ..service import ClipService
+from .endpoints import endpoint
 from .errors import error_response, install_error_handlers
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
 from .settings import Settings
@@ -112,7 +113,7 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
             "precision": manifest.precision,
             "provenance": manifest.provenance,
             "demo": demo,
-            "endpoints": [f"/clip/{e}" for e in endpoints],
+            "endpoints": [route.path for e in endpoints for route in endpoint(e).routes],
             "loaded": service.loaded_towers(),
         }
         if demo:

@@ -1,4 +1,5 @@
-"""The three CLIP routes. Each is registered on its own, so a Lambda function serves only its endpoint.
+"""The CLIP routes (Roboflow Inference's API), registered per endpoint from the registry (endpoints.py), so a
+Lambda function serves only its endpoint.
 
 Request path: route -> parse (pydantic) -> auth -> load inputs (base64/URL, I/O at the edge) ->
 service (cache, core) -> JSON response with exactly Roboflow's keys.
@@ -9,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -21,12 +21,12 @@ from ..service import ClipService, Embeddings, TextTooLong
 from . import compare as cmp
 from .auth import check_api_key
 from .body import clip_route_class
+from .endpoints import ENDPOINTS as ENDPOINTS  # re-exported: app.py and the tests read it here
+from .endpoints import EndpointName, register
 from .errors import BadRequest, ImageLoadError, NotFound, PayloadTooLarge
 from .images import ImageLoader
 from .schemas import (
     ClipCompareRequest,
-    ClipCompareResponse,
-    ClipEmbeddingResponse,
     ClipImageEmbeddingRequest,
     ClipRequest,
     ClipTextEmbeddingRequest,
@@ -35,8 +35,7 @@ from .schemas import (
 )
 from .settings import Settings, max_embeddings_per_response
 
-Endpoint = Literal["embed_image", "embed_text", "compare"]
-ENDPOINTS: tuple[Endpoint, ...] = ("embed_image", "embed_text", "compare")
+Endpoint = EndpointName  # an endpoint's name: a key of the registry (endpoints.py), whose ENDPOINTS lists them
 
 log = logging.getLogger("clip_serverless.request")
 # Runs compare's text side while the request's thread does the images (see ClipRoutes._embed_both).
@@ -179,18 +178,5 @@ class ClipRoutes:
         # Bodies parsed strictly, and a query/header key checked before them (body.py); the key is read
         # per request, so a key renewed after a SnapStart restore takes effect at once.
         router = APIRouter(responses=_ERRORS, route_class=clip_route_class(lambda: self.settings.api_key))
-        specs: dict[Endpoint, tuple[Callable[..., JSONResponse], type[Any], str, str]] = {
-            "embed_image": (self.embed_image, ClipEmbeddingResponse, "CLIP Image Embeddings",
-                            "Run the OpenAI CLIP model to embed image data."),
-            "embed_text": (self.embed_text, ClipEmbeddingResponse, "CLIP Text Embeddings",
-                           "Run the OpenAI CLIP model to embed text data."),
-            "compare": (self.compare, ClipCompareResponse, "CLIP Compare",
-                        "Run the OpenAI CLIP model to compute similarity scores."),
-        }
-        for endpoint in endpoints:
-            func, model, summary, description = specs[endpoint]
-            # Sync handlers: FastAPI runs them in its thread pool, so ONNX work never blocks the event loop.
-            router.add_api_route(f"/clip/{endpoint}", func, methods=["POST"], response_model=model,
-                                 summary=summary, description=description)
-        return router
+        return register(router, endpoints, "roboflow", self)  # each route as its registry entry says
 

@@ -13,6 +13,8 @@ from typing import Any
 from mangum import Mangum
 
 from ..api.app import build
+from ..api.endpoints import REGISTRY
+from ..api.endpoints import endpoint as endpoint_spec
 from ..api.routes import Endpoint
 from ..api.settings import Settings
 from ..cache.config import CacheConfig
@@ -21,14 +23,10 @@ from . import snapstart, text_function
 from .after_response import after_response, install
 from .metrics import emf_observer
 
-# What each endpoint loads at init (where SnapStart snapshots it). compare's "textual" is its tokenizer
-# and the Lambda client of the embed_text function, which embeds its texts (CLIP_TEXT_FUNCTION): each
-# function loads exactly one tower.
-PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {
-    "embed_image": ("visual",),
-    "embed_text": ("textual",),
-    "compare": ("visual", "textual"),
-}
+# What each endpoint loads at init (where SnapStart snapshots it), from its registry entry: each function
+# loads exactly one tower. compare's "textual" is its tokenizer and the Lambda client of the embed_text
+# function, which embeds its texts (CLIP_TEXT_FUNCTION).
+PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {spec.name: spec.preload for spec in REGISTRY}
 
 
 def preload_for(endpoint: Endpoint) -> tuple[Tower, ...]:
@@ -41,6 +39,7 @@ def preload_for(endpoint: Endpoint) -> tuple[Tower, ...]:
 
 
 def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
+    spec = endpoint_spec(endpoint)  # a KeyError naming the registry's endpoints for any other name
     settings = Settings.from_env()
     app = build(settings, endpoints=(endpoint,))
     service = app.state.service
@@ -52,11 +51,11 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
             service.cache.observe(emf)
         if "visual" in towers:
             # An image miss consults S3 on its first request; create the client (~240 ms) at init instead.
-            service.cache.preload(("image", "text") if endpoint == "compare" else ("image",))
+            service.cache.preload(spec.cache)
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
         app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
-    if "textual" in PRELOAD[endpoint] and not service.text_is_remote:
+    if spec.lends == "textual":  # compare's direct invocations for text vectors
         handler = ServingTextTower(app, handler, service)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
     snapstart.install(settings=settings, service=service,
