@@ -74,11 +74,12 @@ serve: $(VENV)/.serve ## run the API locally on $(HOST):$(PORT) (model: CLIP_MOD
 test: setup-dev check ## ruff, mypy --strict, then the whole test suite (no marker deselects anything)
 	CLIP_SDK_PYTHON=$(SDK_VENV)/bin/python $(PY) -m pytest
 
-# The markers are registered in pyproject.toml; a test this selects that cannot run fails (--fail-on-skip),
-# it is never skipped.
-FAST_TESTS := not (torch or sam or sdk or lambda312)
+# tests/markers.py: --without deselects the tests with these markers (pyproject.toml registers them) and
+# does not import the modules marked with one; a test still selected that cannot run fails, never skips.
+# pytest-xdist: one worker per CPU (at most 4), each test file on one worker (its module fixtures once).
+FAST_WITHOUT := torch,sam,sdk,lambda312
 test-fast: $(VENV)/.test ## the tests that need neither torch, SAM, the SDK venv nor Python 3.12 (< 1 min)
-	$(PY) -m pytest -p tests.fail_on_skip --fail-on-skip -m "$(FAST_TESTS)"
+	$(PY) -m pytest -p tests.markers --without $(FAST_WITHOUT) --fail-on-skip -n auto --maxprocesses 4 --dist loadfile
 
 # mypy needs the full environment: the tests' and export tooling's imports (torch, transformers, onnx) are
 # typed packages, checked as installed.
