@@ -9,16 +9,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.lambda_events import FakeContext, http_api_event, response_json, rest_api_event
-
-if TYPE_CHECKING:
-    from clip_serverless.api.routes import Endpoint
 
 JSON = {"content-type": "application/json"}
 KEY = "s3cret"
@@ -62,7 +59,7 @@ def endpoint_app(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> Call
         monkeypatch.setenv("CLIP_CACHE", "off")
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        return build_app(endpoints=(cast("Endpoint", endpoint),))
+        return build_app(endpoints=(endpoint,))
 
     return build
 
