@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "layers" / "core"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cache import moto_endpoint, sample_jpeg  # noqa: E402
+from bench_cache import fake_aws_environment, moto_endpoint, sample_jpeg  # noqa: E402
 from clip_serverless.aws_lambda import after_response  # noqa: E402
 
 BUCKET = "bench-after-response"
@@ -211,10 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model_dir is None:
         parser.error("no model directory found: pass --model-dir")
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        os.environ[name] = "testing"  # moto only: never real credentials
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-    os.environ.pop("AWS_PROFILE", None)
+    fake_aws_environment()
     os.environ.pop("AWS_LAMBDA_RUNTIME_API", None)
 
     source = images(sample_jpeg())

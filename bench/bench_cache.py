@@ -113,11 +113,16 @@ def moto_endpoint(in_process: bool) -> Iterator[str]:
         proc.wait(10)
 
 
-def bench_cache_paths(repeats: int, moto_in_process: bool) -> dict[str, float]:
+def fake_aws_environment() -> None:
+    """Fake credentials and region, no profile: boto3 talks to moto only, never with real credentials."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        os.environ[name] = "testing"  # moto only: never real credentials
+        os.environ[name] = "testing"
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     os.environ.pop("AWS_PROFILE", None)
+
+
+def bench_cache_paths(repeats: int, moto_in_process: bool) -> dict[str, float]:
+    fake_aws_environment()
 
     model = ModelIdentity("clip/ViT-B-32", "ab" * 32, DIM)
     jpeg = sample_jpeg()
