@@ -16,14 +16,13 @@ import numpy.typing as npt
 
 from .cache.embedder import embed_payloads
 from .cache.stats import CacheStats
-from .engine.encoder import Float32Array, ImageEncoder, TextEncoder
+from .engine.encoder import ImageEncoder, TextEncoder
 from .engine.model_dir import TOKENIZER_FILE, ModelDir
+from .types import Float32Array, Int64Array, Tower
 
 if TYPE_CHECKING:
     from .cache.tiered import EmbeddingCache
     from .engine.tokenizer import ClipTokenizer
-
-Tower = Literal["visual", "textual"]
 
 
 class TextTower(Protocol):
@@ -34,7 +33,7 @@ class TextTower(Protocol):
 
     def load(self) -> None: ...
 
-    def encode(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.integer] | None = None) -> Float32Array: ...
+    def encode(self, ids: Int64Array, lengths: npt.NDArray[np.integer] | None = None) -> Float32Array: ...
 
 
 class TextTooLong(ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.encoder import Float32Array
+from ..types import Float32Array
 from .errors import BadRequest
 from .schemas import ImageInput
 

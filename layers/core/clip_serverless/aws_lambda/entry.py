@@ -18,7 +18,8 @@ from ..api.endpoints import endpoint as endpoint_spec
 from ..api.routes import Endpoint
 from ..api.settings import Settings
 from ..cache.config import CacheConfig
-from ..service import ClipService, Tower
+from ..service import ClipService
+from ..types import Tower
 from . import snapstart, text_function
 from .after_response import after_response, install
 from .metrics import emf_observer

@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ..types import Float32Array, Int64Array
+
 if TYPE_CHECKING:
     from ..engine.model_dir import Manifest
     from ..service import TextTower
 
-Float32Array = npt.NDArray[np.float32]
 EVENT_KEY = "clip_text_tower"
 PROTOCOL = 1
 MAX_TOKEN_ID = 49407  # CLIP's end-of-text token, the largest id of its vocabulary
@@ -137,7 +138,7 @@ class TextFunctionEncoder:
                         retries={"total_max_attempts": 1}, tcp_keepalive=True)
         return boto3.session.Session().client("lambda", config=config)
 
-    def encode(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.integer] | None = None) -> Float32Array:
+    def encode(self, ids: Int64Array, lengths: npt.NDArray[np.integer] | None = None) -> Float32Array:
         n = ids.shape[0]
         if n == 0:
             return np.zeros((0, self.manifest.embed_dim), dtype=np.float32)

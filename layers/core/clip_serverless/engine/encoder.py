@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from ..types import Float32Array, Int64Array
 from .model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir, ModelDirError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-Float32Array = npt.NDArray[np.float32]
-Int64Array = npt.NDArray[np.int64]
 
 
 def available_cpus() -> int:

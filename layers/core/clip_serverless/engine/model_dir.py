@@ -18,7 +18,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from ..types import Precision
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -26,9 +28,6 @@ VISUAL_FILE = "visual.onnx"
 TEXTUAL_FILE = "textual.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILES = (VISUAL_FILE, TEXTUAL_FILE, TOKENIZER_FILE)
-
-Precision = Literal["fp32", "int8"]
-Tower = Literal["visual", "textual"]
 
 
 class ModelDirError(ValueError):

@@ -37,7 +37,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-Float32Array = npt.NDArray[np.float32]
+from ..types import Float32Array
+
 UInt8Array = npt.NDArray[np.uint8]
 
 CLIP_INPUT_SIZE = 224

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
+
+from ..types import Int64Array
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
-
-Int64Array = npt.NDArray[np.int64]
 
 # https://github.com/openai/CLIP/blob/main/clip/clip.py (tokenize) and simple_tokenizer.py
 CONTEXT_LENGTH = 77
