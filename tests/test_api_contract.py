@@ -195,9 +195,9 @@ def test_health_says_when_the_model_is_a_demo(client: Any, tmp_path: Path) -> No
     health = client.get("/healthz").json()
     assert health["demo"] is True and "not OpenAI's CLIP" in health["warning"]
     from clip_serverless.api.app import create_app
-    from clip_serverless.api.settings import Settings
     from clip_serverless.engine.model_dir import ModelDir
     from clip_serverless.service import ClipService
+    from clip_serverless.settings import Settings
     from fastapi.testclient import TestClient
 
     shutil.copytree(TINY_MODEL, tmp_path / "m")

@@ -366,7 +366,7 @@ def lambda_response_bytes(rows: list[list[float]], elapsed: float) -> int:
 
 
 def test_the_worst_case_floats_are_what_the_bound_assumes() -> None:
-    from clip_serverless.api.settings import MAX_FLOAT_CHARS
+    from clip_serverless.settings import MAX_FLOAT_CHARS
 
     assert len(repr(WORST_FLOAT32)) == 23 == MAX_FLOAT_CHARS - 1
     assert len(repr(WORST_DOUBLE)) == MAX_FLOAT_CHARS
@@ -374,7 +374,7 @@ def test_the_worst_case_floats_are_what_the_bound_assumes() -> None:
 
 @pytest.mark.parametrize("dim", [64, 512, 768])
 def test_the_maximum_text_count_fits_and_one_more_would_not(dim: int) -> None:
-    from clip_serverless.api.settings import (
+    from clip_serverless.settings import (
         DEFAULT_MAX_RESPONSE_BYTES,
         max_embeddings_per_response,
         worst_case_response_bytes,
@@ -394,7 +394,7 @@ def test_the_maximum_text_count_fits_and_one_more_would_not(dim: int) -> None:
 
 
 def test_default_limits_leave_room_for_lambdas_envelope() -> None:
-    from clip_serverless.api.settings import (
+    from clip_serverless.settings import (
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_MAX_RESPONSE_BYTES,
         LAMBDA_PAYLOAD_BYTES,
@@ -422,8 +422,8 @@ def test_default_limits_leave_room_for_lambdas_envelope() -> None:
 
 def test_too_many_texts_is_413_naming_the_maximum_before_any_work(
         make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from clip_serverless.api.settings import max_embeddings_per_response
     from clip_serverless.service import ClipService
+    from clip_serverless.settings import max_embeddings_per_response
 
     budget = 20_000
     with TestClient(make_app(CLIP_MAX_RESPONSE_BYTES=str(budget)), raise_server_exceptions=False) as client:
@@ -455,7 +455,7 @@ def test_the_default_body_limit_fits_a_lambda_event() -> None:
     """A body at the limit (escapes counted), in an HTTP API (v2) or REST (v1) event with 8 KiB of headers
     and a query string, is an event Lambda takes."""
     from clip_serverless.api.app import event_bytes
-    from clip_serverless.api.settings import DEFAULT_MAX_BODY_BYTES, LAMBDA_PAYLOAD_BYTES
+    from clip_serverless.settings import DEFAULT_MAX_BODY_BYTES, LAMBDA_PAYLOAD_BYTES
 
     head = '{"text": ["a \\"quoted\\" caption\\n", "'
     filler = DEFAULT_MAX_BODY_BYTES - event_bytes(head.encode()) - event_bytes(b'"]}')
@@ -522,7 +522,7 @@ def test_root_through_the_embed_text_function(endpoint_app: Callable[..., Any]) 
 def test_the_strict_routes_document_the_same_api(make_app: Callable[..., Any]) -> None:
     """strict_router rebuilds routes.py's routes: the OpenAPI document must not change."""
     from clip_serverless.api.routes import ClipRoutes
-    from clip_serverless.api.settings import Settings
+    from clip_serverless.settings import Settings
     from fastapi import FastAPI
 
     app = make_app()

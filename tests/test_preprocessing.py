@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from clip_serverless.engine import DEFAULT_MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
 from clip_serverless.engine import preprocessing
 from clip_serverless.engine.preprocessing import (
     CLIP_MEAN,
     CLIP_STD,
-    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
     preprocess,

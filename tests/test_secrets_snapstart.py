@@ -389,7 +389,7 @@ def test_renew_never_raises_and_leaves_the_client_to_first_use() -> None:
 def test_a_simulated_restore_renews_the_key_the_s3_client_the_instance_id(
         aws: None, local_hooks: None, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from clip_serverless.api.app import build
-    from clip_serverless.api.settings import Settings
+    from clip_serverless.settings import Settings
     from fastapi.testclient import TestClient
 
     sm = boto3.client("secretsmanager", region_name=REGION)

@@ -16,8 +16,12 @@ import numpy.typing as npt
 
 from .cache.embedder import embed_payloads
 from .cache.stats import CacheStats
+from .engine import EngineSettings as EngineSettings
+from .engine import ImageDecodeError as ImageDecodeError  # embed_images raises it (the API answers 400)
 from .engine.encoder import ImageEncoder, TextEncoder
-from .engine.model_dir import TOKENIZER_FILE, ModelDir
+from .engine.model_dir import TOKENIZER_FILE
+from .engine.model_dir import ModelDir as ModelDir
+from .engine.model_dir import ModelDirError as ModelDirError  # ModelDir.open raises it
 from .types import Float32Array, Int64Array, Tower
 
 if TYPE_CHECKING:
@@ -56,18 +60,21 @@ class Embeddings:
 
 class ClipService:
     def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
-                 truncate_text: bool = True, max_image_pixels: int = 64_000_000,
+                 truncate_text: bool = True, engine: EngineSettings | None = None,
                  text_tower: TextTower | None = None) -> None:
+        """``engine``: threads and the image size limit (default: :class:`EngineSettings`' defaults)."""
+        engine = engine if engine is not None else EngineSettings()
         self.model_dir = model_dir
         self.manifest = model_dir.manifest
         self.cache = cache
         self.text_batch_size = text_batch_size
         self.truncate_text = truncate_text
-        self.max_image_pixels = max_image_pixels
-        self.image_encoder = ImageEncoder(model_dir)
+        self.max_image_pixels = engine.max_image_pixels
+        self.image_encoder = ImageEncoder(model_dir, threads=engine.threads)
         # The text tower runs here, or (compare on Lambda) in the embed_text function; the tokenizer, and
         # with it the cache keys, stays here either way.
-        self.text_encoder: TextTower = text_tower if text_tower is not None else TextEncoder(model_dir)
+        self.text_encoder: TextTower = (text_tower if text_tower is not None
+                                        else TextEncoder(model_dir, threads=engine.threads))
         self.text_is_remote = text_tower is not None
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()

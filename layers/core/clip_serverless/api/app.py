@@ -9,12 +9,11 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..engine.model_dir import ModelDir
-from ..service import ClipService
+from ..service import ClipService, ModelDir
+from ..settings import Settings
 from .endpoints import endpoint
 from .errors import error_response, install_error_handlers
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
-from .settings import Settings
 
 try:
     VERSION = version("clip-serverless")
@@ -130,18 +129,19 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
 
 
 def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> FastAPI:
-    """Settings from the environment, model directory opened and validated, app ready to serve."""
+    """The app for ``endpoints``, every part configured from ``settings`` (default: the environment, read now):
+    model directory opened and validated, service (engine, cache, text tower) built, routes bound."""
     settings = settings or Settings.from_env()
     model_dir = ModelDir.open(settings.model_dir)
-    from ..cache import from_env as cache_from_env
+    from ..cache import from_config as cache_from_config
 
+    cache = cache_from_config(model_dir.manifest, settings.cache)  # None when the cache is off
     text_tower = None
-    if settings.text_function:
+    if settings.text_function is not None:
         from ..aws_lambda.text_function import TextFunctionEncoder
 
-        text_tower = TextFunctionEncoder(settings.text_function, model_dir.manifest,
-                                         timeout_s=settings.text_function_timeout)
-    service = ClipService(model_dir, cache=cache_from_env(model_dir.manifest), text_batch_size=settings.text_batch_size,
-                          truncate_text=settings.truncate_text, max_image_pixels=settings.max_image_pixels,
-                          text_tower=text_tower)
+        text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
+                                         timeout_s=settings.text_function.timeout_s)
+    service = ClipService(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
+                          truncate_text=settings.truncate_text, engine=settings.engine, text_tower=text_tower)
     return create_app(service, settings, endpoints)

@@ -11,9 +11,9 @@ import concurrent.futures
 import re
 from collections.abc import Sequence
 
+from ..settings import UrlSettings
 from .errors import ImageLoadError
 from .schemas import ImageInput
-from .settings import UrlSettings
 from .url_fetch import UrlFetchError, fetch_image_url
 
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from typing import Any
 from urllib.parse import unquote_plus
 
-from ..engine.model_dir import ModelDirError
-from .settings import Settings, SettingsError
+from ..aws_lambda.secrets import ApiKeyUnavailable
+from ..service import ModelDirError
+from ..settings import Settings, SettingsError
 
 EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --arch ViT-B-32 "
                "--out build/models/ViT-B-32 --int8   (needs internet)")
@@ -74,22 +74,24 @@ def banner(model_id: str, provenance: dict[str, object], host: str, port: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9001")))
+    parser.add_argument("--host", help="default: $HOST, else 127.0.0.1")
+    parser.add_argument("--port", type=int, help="default: $PORT, else 9001")
     args = parser.parse_args(argv)
     try:
         from .app import build
 
-        settings = Settings.from_env()
+        settings = Settings.from_env()  # every variable, checked before anything loads
         app = build(settings)
-    except (ModelDirError, SettingsError) as exc:
+    except (ModelDirError, SettingsError, ApiKeyUnavailable) as exc:
         print(f"clip-serverless: cannot start: {exc}", file=sys.stderr)
         return 2
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
     service = app.state.service
     service.preload(("visual", "textual"))  # the first request should not pay for loading
     manifest = service.manifest
-    print(banner(manifest.model_id, manifest.provenance, args.host, args.port), file=sys.stderr, flush=True)
-    local = server(app, args.host, args.port)
+    print(banner(manifest.model_id, manifest.provenance, host, port), file=sys.stderr, flush=True)
+    local = server(app, host, port)
     local.run()
     return 0 if local.started else 1  # as uvicorn.run: not started (e.g. the port is taken) is a failure
 

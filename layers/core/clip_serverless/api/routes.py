@@ -17,7 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..cache.stats import CacheStats
-from ..service import ClipService, Embeddings, TextTooLong
+from ..service import ClipService, Embeddings, ImageDecodeError, TextTooLong
+from ..settings import Settings, max_embeddings_per_response
 from . import compare as cmp
 from .auth import check_api_key
 from .body import clip_route_class
@@ -33,7 +34,6 @@ from .schemas import (
     ErrorResponse,
     ImageInput,
 )
-from .settings import Settings, max_embeddings_per_response
 
 Endpoint = EndpointName  # an endpoint's name: a key of the registry (endpoints.py), whose ENDPOINTS lists them
 
@@ -70,8 +70,6 @@ class ClipRoutes:
         return self.loader.load_many(images)
 
     def _embed_images(self, blobs: list[bytes], use_cache: bool) -> Embeddings:
-        from ..engine.preprocessing import ImageDecodeError
-
         try:
             return self.service.embed_images(blobs, use_cache=use_cache)
         except ImageDecodeError as exc:

@@ -6,7 +6,6 @@ SnapStart can snapshot it), never per request.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +15,8 @@ from ..api.app import build
 from ..api.endpoints import REGISTRY
 from ..api.endpoints import endpoint as endpoint_spec
 from ..api.routes import Endpoint
-from ..api.settings import Settings
-from ..cache.config import CacheConfig
 from ..service import ClipService
+from ..settings import Settings
 from ..types import Tower
 from . import snapstart, text_function
 from .after_response import after_response, install
@@ -30,13 +28,12 @@ from .metrics import emf_observer
 PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {spec.name: spec.preload for spec in REGISTRY}
 
 
-def preload_for(endpoint: Endpoint) -> tuple[Tower, ...]:
-    raw = os.environ.get("CLIP_PRELOAD", "").strip().lower()
-    if raw == "none":
-        return ()
-    if raw:
-        return tuple(t for t in PRELOAD[endpoint] if t in raw.split(","))
-    return PRELOAD[endpoint]
+def preload_for(endpoint: Endpoint, requested: tuple[Tower, ...] | None = None) -> tuple[Tower, ...]:
+    """The towers ``endpoint``'s function loads at init: its own (``PRELOAD``), or those of them that
+    ``requested`` (``CLIP_PRELOAD``, :class:`~clip_serverless.settings.LambdaSettings`) names."""
+    if requested is None:
+        return PRELOAD[endpoint]
+    return tuple(t for t in PRELOAD[endpoint] if t in requested)
 
 
 def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
@@ -44,10 +41,10 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     settings = Settings.from_env()
     app = build(settings, endpoints=(endpoint,))
     service = app.state.service
-    towers = preload_for(endpoint)
+    towers = preload_for(endpoint, settings.aws_lambda.preload)
     service.preload(towers)
     if service.cache is not None:
-        emf = emf_observer(CacheConfig.from_env())  # CLIP_CACHE_METRICS: EMF lines per request (the Lambda default)
+        emf = emf_observer(settings.cache)  # CLIP_CACHE_METRICS: EMF lines per request (the Lambda default)
         if emf is not None:
             service.cache.observe(emf)
         if "visual" in towers:
@@ -55,7 +52,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
             service.cache.preload(spec.cache)
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
-        app, lifespan="off", api_gateway_base_path=os.environ.get("CLIP_BASE_PATH", "/"))
+        app, lifespan="off", api_gateway_base_path=settings.aws_lambda.base_path)
     if spec.lends == "textual":  # compare's direct invocations for text vectors
         handler = ServingTextTower(app, handler, service)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.

@@ -58,6 +58,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..envparse import SettingsError
+
 DIRECT_VARIABLE = "CLIP_API_KEY"
 SSM_VARIABLE = "CLIP_API_KEY_SSM_PARAMETER"
 SECRET_VARIABLE = "CLIP_API_KEY_SECRET_ID"  # noqa: S105 (a variable name, not a secret)
@@ -76,6 +78,11 @@ THROTTLING_CODES = frozenset({
 
 class ApiKeyUnavailable(RuntimeError):
     """The configured parameter or secret could not be read, or is empty."""
+
+
+class ApiKeyConflict(SettingsError, ApiKeyUnavailable):
+    """Both stores are named: a bad configuration (a :class:`SettingsError`, which stops start-up) that leaves
+    no key to read (an :class:`ApiKeyUnavailable` to those who read the key)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def resolve_api_key(environ: Mapping[str, str] | None = None, *, retry: RetryPol
     parameter = env.get(SSM_VARIABLE, "").strip()
     secret_id = env.get(SECRET_VARIABLE, "").strip()
     if parameter and secret_id:
-        raise ApiKeyUnavailable(f"set one of {SSM_VARIABLE} and {SECRET_VARIABLE}, not both")
+        raise ApiKeyConflict(f"set one of {SSM_VARIABLE} and {SECRET_VARIABLE}, not both")
     if not parameter and not secret_id:
         return None
     if parameter:

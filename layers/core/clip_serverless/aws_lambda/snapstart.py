@@ -49,8 +49,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from ..api.settings import Settings
     from ..service import ClipService
+    from ..settings import Settings
 
 SNAPSHOT_RESTORE_MODULE = "snapshot_restore_py"
 log = logging.getLogger("clip_serverless.aws_lambda.snapstart")

@@ -28,19 +28,6 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    raw = os.environ.get("CLIP_NUM_THREADS", "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ModelDirError(f"CLIP_NUM_THREADS must be a whole number, got {raw!r}") from None
-        if value < 1:
-            raise ModelDirError(f"CLIP_NUM_THREADS must be at least 1, got {value}")
-        return value
-    return available_cpus()
-
-
 def create_session(path: str, threads: int) -> ort.InferenceSession:
     import onnxruntime as ort  # imported here so that importing this module stays cheap
 
@@ -66,8 +53,9 @@ class _Tower:
     file_name: str
 
     def __init__(self, model_dir: ModelDir, threads: int | None = None) -> None:
+        """``threads``: ONNX Runtime intra-op threads; None: every vCPU this process may run on."""
         self.model_dir = model_dir
-        self.threads = threads if threads is not None else default_threads()
+        self.threads = threads if threads is not None else available_cpus()
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         # int8 dynamic quantisation picks activation scales per input tensor, so a row's result would

@@ -38,6 +38,8 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..types import Float32Array
+from . import DEFAULT_MAX_IMAGE_PIXELS
+from . import ImageDecodeError as ImageDecodeError  # raised here; defined beside the defaults (no Pillow import)
 
 UInt8Array = npt.NDArray[np.uint8]
 
@@ -45,13 +47,6 @@ CLIP_INPUT_SIZE = 224
 # https://github.com/openai/CLIP/blob/main/clip/clip.py (_transform: Normalize(...))
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-# 8192 x 8192 = 67 MP: more than any phone camera's default output (12-50 MP), and a 6 MB Lambda payload
-# holds nothing larger in practice, yet small enough that the decoded image (256 MiB: Pillow keeps RGB in 4
-# bytes a pixel; about twice that at peak with an EXIF rotation) fits a 2 GB function beside the model.
-# Pillow's own guard (a warning above 89 MP, an error above 179 MP) is process-global state, so we check the
-# header size ourselves.
-DEFAULT_MAX_PIXELS = 8192 * 8192
 
 # Above this many pixels after Resize (16 MiB in Pillow's 4-byte RGB layout; aspect ratio > 83:1 at 224), only
 # the cropped window is resized.
@@ -76,17 +71,13 @@ _16BIT_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c fixed-point precision for 8-bit images
 
 
-class ImageDecodeError(ValueError):
-    """The bytes are not an image we can use. ``str(error)`` is a short reason fit for an API caller."""
-
-
 # ------------------------------------------------------------------------------------------------ decoding
 
 
 def decode_image(
     data: bytes | bytearray | memoryview,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     draft: bool = False,
     draft_size: int = CLIP_INPUT_SIZE,
 ) -> Image.Image:
