@@ -46,7 +46,7 @@ EndpointName = str  # a key of the registry: "embed_text", ...
 SITE_ROUTES: tuple[tuple[Method, str], ...] = (("GET", "/"), ("GET", "/healthz"), ("GET", "/info"))
 
 # The variable that names another function serving a tower (its alias ARN on AWS), and its timeout's.
-FUNCTION_ENV: dict[Tower, str] = {"textual": "CLIP_TEXT_FUNCTION"}
+FUNCTION_ENV: dict[Tower, str] = {"textual": "CLIP_TEXT_FUNCTION", "visual": "CLIP_IMAGE_FUNCTION"}
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,10 @@ class EndpointSpec:
 REGISTRY: tuple[EndpointSpec, ...] = (
     EndpointSpec(
         name="embed_image", function="EmbedImageFunction", api="roboflow",
-        summary="CLIP image embeddings (Roboflow Inference's API)",
+        summary="CLIP image embeddings (Roboflow Inference's API); image vectors for other functions",
         routes=(Route("POST", "/clip/embed_image", "embed_image", ClipImageEmbeddingRequest, ClipEmbeddingResponse,
                       "CLIP Image Embeddings", "Run the OpenAI CLIP model to embed image data."),),
-        towers=("visual",), cache=("image",)),
+        towers=("visual",), cache=("image",), lends="visual"),
     EndpointSpec(
         name="embed_text", function="EmbedTextFunction", api="roboflow",
         summary="CLIP text embeddings (Roboflow Inference's API); text vectors for other functions",

@@ -53,8 +53,8 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
         app, lifespan="off", api_gateway_base_path=settings.aws_lambda.base_path)
-    if spec.lends == "textual":  # compare's direct invocations for text vectors
-        handler = ServingTextTower(app, handler, service)
+    if spec.lends is not None:  # other functions' direct invocations for this tower's vectors
+        handler = ServingTower(app, handler, service, spec.lends, max_images=settings.max_batch_size)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
     snapstart.install(settings=settings, service=service,
                       renew=[service.text_encoder.renew] if service.text_is_remote else [])
@@ -63,16 +63,22 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     return handler
 
 
-class ServingTextTower:
-    """The function's handler, which also answers other functions' direct invocations for text vectors
-    (``compare``'s Invoke calls, :mod:`clip_serverless.aws_lambda.text_function`)."""
+class ServingTower:
+    """The function's handler, which also answers other functions' direct invocations for the vectors of
+    the tower it lends (:mod:`clip_serverless.aws_lambda.text_function`): ``embed_text`` text vectors for
+    ``compare``, ``embed_image`` image vectors for the function that asks for them."""
 
-    def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService) -> None:
+    def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService,
+                 tower: Tower, *, max_images: int) -> None:
         self.app = app
         self.handler = handler
         self.service = service
+        self.tower = tower
+        self.max_images = max_images
 
     def __call__(self, event: Any, context: Any) -> dict[str, Any]:
-        if text_function.is_request(event):
+        if self.tower == "textual" and text_function.is_request(event):
             return text_function.serve(event, self.service.text_encoder, self.service.manifest)
+        if self.tower == "visual" and text_function.is_image_request(event):
+            return text_function.serve_images(event, self.service, max_images=self.max_images)
         return self.handler(event, context)
