@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..envparse import SettingsError
 
@@ -113,7 +113,8 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
-ClientFactory = Callable[[str, RetryPolicy], Any]  # (service name, policy) -> a boto3 client
+KeyStore = Literal["ssm", "secretsmanager"]  # the boto3 service names of the two key stores
+ClientFactory = Callable[[KeyStore, RetryPolicy], Any]  # (service name, policy) -> a boto3 client
 _SYSTEM_RANDOM = random.SystemRandom()
 
 
@@ -135,6 +136,7 @@ def resolve_api_key(environ: Mapping[str, str] | None = None, *, retry: RetryPol
         raise ApiKeyConflict(f"set one of {SSM_VARIABLE} and {SECRET_VARIABLE}, not both")
     if not parameter and not secret_id:
         return None
+    service: KeyStore
     if parameter:
         service, source, what = "ssm", f"{SSM_VARIABLE}={parameter}", f"SSM parameter {parameter} ({SSM_VARIABLE})"
 
@@ -161,7 +163,7 @@ def _non_empty(value: str | None, source: str) -> str:
     return value.strip()
 
 
-def _boto3_client(service: str, retry: RetryPolicy) -> Any:
+def _boto3_client(service: KeyStore, retry: RetryPolicy) -> Any:
     import boto3  # here, not at the top: only a function with a key store pays for boto3
     from botocore.config import Config
 
@@ -192,7 +194,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _read_with_retries(service: str, what: str, call: Callable[[Any], str | None], *, retry: RetryPolicy,
+def _read_with_retries(service: KeyStore, what: str, call: Callable[[Any], str | None], *, retry: RetryPolicy,
                        client_factory: ClientFactory, sleep: Callable[[float], None], clock: Callable[[], float],
                        uniform: Callable[[float, float], float]) -> str | None:
     from botocore.exceptions import BotoCoreError, ClientError
