@@ -43,6 +43,8 @@ def main() -> None:
         "compare": {"subject": red, "subject_type": "image", "prompt_type": "text",
                     "prompt": ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green star."],
                     "api_key": None},
+        # OpenAI's shape; no "model": the deployed one answers, whichever it is.
+        "embeddings": {"input": ["a photo of a red circle.", "a photo of a blue square."], "encoding_format": "float"},
     }
     for spec in REGISTRY:
         if spec.name not in bodies:
@@ -54,7 +56,8 @@ def main() -> None:
     health = http_api_event("GET", "/healthz")
     (HERE / "healthz.http-api.json").write_text(json.dumps(health, indent=2) + "\n")
     # `sam local start-api --env-vars infra/sam-local-env.json` (with `sam local start-lambda` on port 3001):
-    # compare asks embed_text for text vectors through Lambda's Invoke API, which start-lambda serves.
+    # compare asks embed_text for text vectors, embeddings asks embed_image for image vectors, through
+    # Lambda's Invoke API, which start-lambda serves.
     local_env = {spec.function: {spec.invokes.env: endpoint(spec.invokes.endpoint).function,
                                  "AWS_ENDPOINT_URL_LAMBDA": "http://host.docker.internal:3001"}
                  for spec in REGISTRY if spec.invokes is not None}

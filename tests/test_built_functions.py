@@ -37,6 +37,8 @@ from lambda_runtime import (  # noqa: E402
 )
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
+from tests.lambda_events import http_api_event  # noqa: E402
+
 pytestmark = [pytest.mark.sam, pytest.mark.lambda312]  # sam build, then the functions under python3.12
 EVENTS = REPO / "events"
 TEST_BUILD = REPO / "build" / "sam-test"
@@ -44,7 +46,7 @@ MiB = 1024 * 1024
 FUNCTIONS = {spec.name: spec.function for spec in REGISTRY}  # every endpoint's function
 # The CLIP endpoints (Roboflow's API), whose answers are compared with the app's /clip/<endpoint>.
 ENDPOINTS = {name: function for name, function in FUNCTIONS.items() if endpoint(name).api == "roboflow"}
-# The functions others ask for vectors through Invoke (compare: embed_text).
+# The functions others ask for vectors through Invoke (compare: embed_text; embeddings: embed_image).
 INVOKED = sorted({endpoint(spec.invokes.endpoint).function for spec in REGISTRY if spec.invokes is not None})
 BUCKET = "clip-cache-test"
 PREFIX = "embeddings/"
@@ -157,7 +159,7 @@ def s3_keys(endpoint: str) -> list[str]:
 @pytest.fixture(scope="module")
 def lambda_service(built: BuiltApp, moto_endpoint: str, lambda_python: str) -> Iterator[LambdaService]:
     """Lambda's Invoke API serving the built functions that others invoke: EmbedTextFunction (compare's text
-    vectors)."""
+    vectors) and EmbedImageFunction (embeddings' image vectors)."""
     with LambdaService() as service:
         for name in INVOKED:
             spec = built_function(built, name, resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
@@ -261,6 +263,44 @@ def test_compare_loads_one_tower_and_gets_text_vectors_from_embed_text(functions
     # compare's own process holds the image tower only (its app answers /healthz too, unrouted on AWS).
     health = body_of(functions["compare"].invoke_json(event("healthz.http-api")))
     assert health["loaded"] == ["visual"] and health["endpoints"] == ["/clip/compare"]
+
+
+def test_embeddings_answers_text_itself_and_images_through_embed_image(functions: dict[str, LocalLambda],
+                                                                      lambda_service: LambdaService,
+                                                                      in_process: Any) -> None:
+    """OpenAI's /v1/embeddings: texts on the built function's own text tower, images from the built
+    embed_image through the local Invoke API, both as the app in this process answers them."""
+    evt = event("embeddings.http-api")
+    response = functions["embeddings"].invoke_json(evt)
+    assert response["statusCode"] == 200, response
+    want = in_process.post("/v1/embeddings", json=request_body(evt)).json()
+    got = body_of(response)
+    assert [d["index"] for d in got["data"]] == list(range(len(request_body(evt)["input"])))
+    for a, b in zip(got["data"], want["data"], strict=True):
+        assert a["embedding"] == pytest.approx(b["embedding"], abs=1e-5)
+    assert got["usage"] == want["usage"] and got["model"] == want["model"]
+    # An image: decoded and embedded by embed_image (one Invoke), L2-normalised here.
+    pool = lambda_service.pools["EmbedImageFunction"]
+    before = pool.invocations
+    png = request_body(event("compare.http-api"))["subject"]["value"]
+    image = {"input": [f"data:image/png;base64,{png}"], "modality": "image", "encoding_format": "float"}
+    no_cache = {**evt, "body": json.dumps(image), "isBase64Encoded": False,
+                "headers": {**evt["headers"], "cache-control": "no-cache"}}
+    response = functions["embeddings"].invoke_json(no_cache)
+    assert response["statusCode"] == 200, response
+    assert pool.invocations == before + 1
+    want = in_process.post("/v1/embeddings", json=image).json()
+    assert body_of(response)["data"][0]["embedding"] == pytest.approx(want["data"][0]["embedding"], abs=1e-5)
+    # A bad image: embed_image's 400, in OpenAI's shape.
+    bad = {**no_cache, "body": json.dumps({**image, "input": ["data:image/png;base64,aGVsbG8="]})}
+    response = functions["embeddings"].invoke_json(bad)
+    assert response["statusCode"] == 400
+    assert body_of(response)["error"]["message"].startswith("Could not load input image. Cause: ")
+    # The function holds the text tower only; GET /v1/models is routed to it too.
+    health = body_of(functions["embeddings"].invoke_json(event("healthz.http-api")))
+    assert health["loaded"] == ["textual"] and health["endpoints"] == ["/v1/embeddings", "/v1/models"]
+    models = functions["embeddings"].invoke_json(http_api_event("GET", "/v1/models"))
+    assert models["statusCode"] == 200 and body_of(models)["data"][0]["id"] == want["model"]
 
 
 # ---- compare and the text function: failures and bursts ------------------------------------------

@@ -26,7 +26,7 @@ FUNCTIONS = tuple(spec.function for spec in REGISTRY)
 SPEC_OF = {spec.function: spec for spec in REGISTRY}
 ROUTES = {(path, method.lower()): spec.function for spec in REGISTRY for method, path in spec.gateway_routes}
 # The template parameter each invoked tower's timeout comes from.
-TIMEOUT_PARAMETER: dict[Tower, str] = {"textual": "TextFunctionTimeout"}
+TIMEOUT_PARAMETER: dict[Tower, str] = {"textual": "TextFunctionTimeout", "visual": "ImageFunctionTimeout"}
 
 
 class _NoManagedPolicies:
@@ -343,9 +343,10 @@ def test_every_endpoint_has_its_function_module_and_events() -> None:
 def test_the_registry_is_consistent() -> None:
     import typing
 
+    from clip_serverless.api.openai_routes import OpenAIRoutes
     from clip_serverless.api.routes import ClipRoutes
 
-    handlers = {"roboflow": ClipRoutes}
+    handlers = {"roboflow": ClipRoutes, "openai": OpenAIRoutes}
     assert len({spec.name for spec in REGISTRY}) == len(REGISTRY) == len(set(FUNCTIONS))
     assert [spec.name for spec in REGISTRY if spec.site] == ["embed_text"]
     assert len(ROUTES) == sum(len(spec.gateway_routes) for spec in REGISTRY)  # no route served twice

@@ -16,6 +16,7 @@ the package reads the environment for its configuration; each consumer receives 
 - ``engine`` (:class:`EngineSettings`): ``CLIP_NUM_THREADS``, ``CLIP_MAX_IMAGE_PIXELS``: ``ClipService`` and
   its encoders;
 - ``text_function`` (:class:`TextFunctionSettings`): ``CLIP_TEXT_FUNCTION``, ``CLIP_TEXT_FUNCTION_TIMEOUT``;
+- ``image_function`` (:class:`ImageFunctionSettings`): ``CLIP_IMAGE_FUNCTION``, ``CLIP_IMAGE_FUNCTION_TIMEOUT``;
 - ``cache`` (``CacheConfig``): ``CLIP_CACHE*``, parsed by ``cache.config``: the embedding cache;
 - ``aws_lambda`` (:class:`LambdaSettings`): ``CLIP_PRELOAD``, ``CLIP_BASE_PATH``: ``aws_lambda.entry``;
 - ``server`` (:class:`ServerSettings`): ``HOST``, ``PORT``: ``api.local``.
@@ -134,6 +135,17 @@ class TextFunctionSettings:
         return cls(name, timeout_s) if name else None
 
 
+@dataclass(frozen=True)
+class ImageFunctionSettings(TextFunctionSettings):
+    """Another Lambda function that embeds images (``embeddings`` on AWS: ``embed_image``'s alias), through Invoke."""
+
+    @classmethod
+    def from_env(cls, environ: Environ | None = None) -> ImageFunctionSettings | None:
+        timeout_s = env_float("CLIP_IMAGE_FUNCTION_TIMEOUT", 15.0, environ)
+        name = env_str("CLIP_IMAGE_FUNCTION", None, environ)
+        return cls(name, timeout_s) if name else None
+
+
 TOWERS: tuple[Tower, ...] = ("visual", "textual")
 
 
@@ -192,6 +204,7 @@ class Settings:
     url: UrlSettings = field(default_factory=UrlSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     text_function: TextFunctionSettings | None = None  # None: the local text tower
+    image_function: ImageFunctionSettings | None = None  # None: the local image tower
     cache: CacheConfig = field(default_factory=CacheConfig)
     aws_lambda: LambdaSettings = field(default_factory=LambdaSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -217,6 +230,7 @@ class Settings:
             url=UrlSettings.from_env(env),
             engine=engine_from_env(env),
             text_function=TextFunctionSettings.from_env(env),
+            image_function=ImageFunctionSettings.from_env(env),
             cache=CacheConfig.from_env(env),
             aws_lambda=LambdaSettings.from_env(env),
             server=ServerSettings.from_env(env),

@@ -13,6 +13,7 @@ from ..service import ClipService, ModelDir
 from ..settings import Settings
 from .endpoints import endpoint
 from .errors import error_response, install_error_handlers
+from .openai_routes import OpenAIRoutes
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
 
 try:
@@ -98,6 +99,10 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
     clip = routes or ClipRoutes(service, settings)
     # Strict JSON bodies, and a query/header API key checked before the body is parsed (body.py).
     app.include_router(clip.router(endpoints))
+    openai = OpenAIRoutes(service, settings, loader=clip.loader)  # OpenAI's shapes, errors included
+    app.include_router(openai.router(endpoints))
+    # Other functions' towers this app calls through Lambda Invoke: their clients are made at init (entry.py).
+    app.state.remote_towers = ([service.text_encoder] if service.text_is_remote else []) + openai.remote_towers
 
     def info() -> dict[str, object]:
         return {"name": "clip-serverless", "version": VERSION, "uuid": _INSTANCE}

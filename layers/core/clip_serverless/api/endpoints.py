@@ -4,7 +4,7 @@ An endpoint is what one Lambda function serves on AWS (and what ``handler_for(na
 server serves them all. Its entry says everything the code needs about it, in one place:
 
 - its routes (method, path, the handler's name, request and response models, summary): ``routes.py``
-  registers them from here, ``app.py`` lists them in ``/healthz``;
+  and ``openai_routes.py`` register them from here, ``app.py`` lists them in ``/healthz``;
 - the towers that run in its function and what it therefore loads at init, the cache modalities it keeps,
   the other function it asks for one modality's vectors through Lambda ``Invoke`` and the tower it lends
   to others that way: ``aws_lambda/entry.py``;
@@ -32,14 +32,18 @@ from .schemas import (
     ClipEmbeddingResponse,
     ClipImageEmbeddingRequest,
     ClipTextEmbeddingRequest,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    OpenAIModelList,
 )
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
 Method = Literal["GET", "POST"]
-# The wire format of an endpoint: Roboflow Inference's (errors {"message"}; handlers on ClipRoutes).
-Api = Literal["roboflow"]
+# The wire format of an endpoint: Roboflow Inference's (errors {"message"}; handlers on ClipRoutes) or
+# OpenAI's (errors {"error": {...}}; handlers on OpenAIRoutes).
+Api = Literal["roboflow", "openai"]
 EndpointName = str  # a key of the registry: "embed_text", ...
 
 # Every app answers these too; on API Gateway they go to the function of the one endpoint with ``site``.
@@ -53,7 +57,7 @@ FUNCTION_ENV: dict[Tower, str] = {"textual": "CLIP_TEXT_FUNCTION", "visual": "CL
 class Route:
     method: Method
     path: str
-    handler: str  # the method of the API's routes object (ClipRoutes) that answers
+    handler: str  # the method of the API's routes object (ClipRoutes, OpenAIRoutes) that answers
     request: type[BaseModel] | None  # the JSON body (None: no body)
     response: type[BaseModel]
     summary: str
@@ -121,6 +125,15 @@ REGISTRY: tuple[EndpointSpec, ...] = (
         routes=(Route("POST", "/clip/compare", "compare", ClipCompareRequest, ClipCompareResponse,
                       "CLIP Compare", "Run the OpenAI CLIP model to compute similarity scores."),),
         towers=("visual",), cache=("image", "text"), invokes=Invoked("textual", "embed_text")),
+    EndpointSpec(
+        name="embeddings", function="EmbeddingsFunction", api="openai",
+        summary="OpenAI's embeddings API: text, and images with \"modality\": \"image\"",
+        routes=(Route("POST", "/v1/embeddings", "embeddings", OpenAIEmbeddingRequest, OpenAIEmbeddingResponse,
+                      "Embeddings (OpenAI's API)",
+                      "L2-normalised CLIP embeddings of texts, or of images with `\"modality\": \"image\"`."),
+                Route("GET", "/v1/models", "models", None, OpenAIModelList, "Models (OpenAI's API)",
+                      "The model this deployment serves.")),
+        towers=("textual",), cache=("text",), invokes=Invoked("visual", "embed_image")),
 )
 
 ENDPOINTS: tuple[EndpointName, ...] = tuple(spec.name for spec in REGISTRY)

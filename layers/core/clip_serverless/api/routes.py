@@ -177,4 +177,3 @@ class ClipRoutes:
         # per request, so a key renewed after a SnapStart restore takes effect at once.
         router = APIRouter(responses=_ERRORS, route_class=clip_route_class(lambda: self.settings.api_key))
         return register(router, endpoints, "roboflow", self)  # each route as its registry entry says
-

@@ -1,4 +1,5 @@
-"""Request and response bodies, field for field those of Roboflow Inference's CLIP routes.
+"""Request and response bodies, field for field those of Roboflow Inference's CLIP routes and of OpenAI's
+embeddings API (``POST /v1/embeddings``, ``GET /v1/models``).
 
 Unknown fields are ignored (pydantic's default), so any body Roboflow's server takes, this one takes.
 Fields that only matter to Roboflow's platform (``usage_billable``, ``source``, ...) are accepted and
@@ -7,7 +8,7 @@ unused. Semantics that pydantic cannot express (batch limits, prompt shapes) liv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,3 +73,62 @@ class ClipCompareResponse(InferenceResponse):
 
 class ErrorResponse(BaseModel):
     message: str
+
+
+# -- OpenAI's embeddings API ------------------------------------------------------------------------------
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's ``POST /v1/embeddings`` body, plus ``modality`` (michaelfeil/infinity's convention for images)."""
+
+    model: str | None = Field(default=None, description="The served model id ('clip/ViT-B-32') or its version "
+                              "('ViT-B-32'). Defaults to the deployed model.", examples=["clip/ViT-B-32"])
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string or a list of strings: texts, or with `modality` 'image' data: URIs or https URLs. "
+                    "Token id lists (OpenAI's tokenizer) are refused: CLIP reads its own tokens.",
+        examples=[["a photo of a cat", "a photo of a dog"]])
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default=None, description="'float' (default) or 'base64': little-endian float32, as OpenAI sends it.")
+    dimensions: int | None = Field(default=None, description="Only the model's own width is accepted.")
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+    modality: Literal["text", "image"] = Field(default="text", description="What `input` holds.")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="L2-normalised; base64 of little-endian float32 on request.")
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="CLIP tokens the text tower read (start and end markers included); "
+                                           "0 for images.")
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail

@@ -24,7 +24,8 @@ from .metrics import emf_observer
 
 # What each endpoint loads at init (where SnapStart snapshots it), from its registry entry: each function
 # loads exactly one tower. compare's "textual" is its tokenizer and the Lambda client of the embed_text
-# function, which embeds its texts (CLIP_TEXT_FUNCTION).
+# function, which embeds its texts (CLIP_TEXT_FUNCTION); embeddings' image client (CLIP_IMAGE_FUNCTION) is
+# one of the app's remote towers, created beside them.
 PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {spec.name: spec.preload for spec in REGISTRY}
 
 
@@ -43,6 +44,8 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     service = app.state.service
     towers = preload_for(endpoint, settings.aws_lambda.preload)
     service.preload(towers)
+    for remote in app.state.remote_towers if towers else ():  # other functions' towers: their Lambda clients
+        remote.load()
     if service.cache is not None:
         emf = emf_observer(settings.cache)  # CLIP_CACHE_METRICS: EMF lines per request (the Lambda default)
         if emf is not None:
@@ -57,7 +60,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
         handler = ServingTower(app, handler, service, spec.lends, max_images=settings.max_batch_size)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
     snapstart.install(settings=settings, service=service,
-                      renew=[service.text_encoder.renew] if service.text_is_remote else [])
+                      renew=[remote.renew for remote in app.state.remote_towers])
     if service.cache is not None and install(service.cache):  # Lambda: remote writes after the response
         return after_response(handler)
     return handler
@@ -66,7 +69,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
 class ServingTower:
     """The function's handler, which also answers other functions' direct invocations for the vectors of
     the tower it lends (:mod:`clip_serverless.aws_lambda.text_function`): ``embed_text`` text vectors for
-    ``compare``, ``embed_image`` image vectors for the function that asks for them."""
+    ``compare``, ``embed_image`` image vectors for ``embeddings``."""
 
     def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService,
                  tower: Tower, *, max_images: int) -> None:
