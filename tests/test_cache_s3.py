@@ -409,7 +409,14 @@ def test_max_attempts_counts_the_first_try() -> None:
     ((503, "SlowDown"), "SlowDown (HTTP 503)"),
     ((500, "InternalError"), "InternalError (HTTP 500)"),
 ], indirect=["error_endpoint"])
-def test_error_responses_over_http(error_endpoint: str, cause: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_error_responses_over_http(error_endpoint: str, cause: str, caplog: pytest.LogCaptureFixture,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if cause.startswith("SlowDown"):
+        # botocore's throttling backoff before the retry is uniform in [0, 1) s: pinned at its upper end so
+        # that the 0.5 s deadline cuts it (a short draw would let the retry fail first, with another line).
+        from botocore.retries.standard import ExponentialBackoff
+
+        monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 1.0)
     cache, tier = _endpoint_cache(error_endpoint)
     payloads = [b"a", b"b", b"c", b"d"]
     try:
