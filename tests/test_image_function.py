@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from botocore.response import StreamingBody
-from clip_serverless.aws_lambda.text_function import (
+from clip_serverless.aws_lambda.tower_function import (
     IMAGE_KEY,
     ImageFunction,
     TowerFunctionError,

@@ -26,7 +26,7 @@ from clip_serverless.api.openai_routes import (
     max_inputs,
     worst_case_response_bytes,
 )
-from clip_serverless.aws_lambda.text_function import ImageFunction
+from clip_serverless.aws_lambda.tower_function import ImageFunction
 from clip_serverless.service import ClipService, ModelDir
 from clip_serverless.settings import MAX_FLOAT_CHARS
 from fastapi.testclient import TestClient

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
-from clip_serverless.aws_lambda.text_function import (
+from clip_serverless.aws_lambda.tower_function import (
     EVENT_KEY,
     TextFunctionEncoder,
     TextFunctionError,
@@ -95,7 +95,7 @@ IDS = np.array([[49406, 320, 49407]], dtype=np.int64)
 
 
 def test_throttled_twice_is_503_with_retry_after(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("clip_serverless.aws_lambda.text_function.time.sleep", lambda _s: None)
+    monkeypatch.setattr("clip_serverless.aws_lambda.tower_function.time.sleep", lambda _s: None)
     encoder, stub = _stubbed(local.manifest)
     for _ in range(2):
         stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
@@ -107,7 +107,7 @@ def test_throttled_twice_is_503_with_retry_after(local: ClipService, monkeypatch
 
 def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr("clip_serverless.aws_lambda.text_function.time.sleep", sleeps.append)
+    monkeypatch.setattr("clip_serverless.aws_lambda.tower_function.time.sleep", sleeps.append)
     encoder, stub = _stubbed(local.manifest)
     stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
     vector = np.arange(local.manifest.embed_dim, dtype="<f4")

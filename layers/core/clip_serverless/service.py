@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 class TextTower(Protocol):
-    """What embeds token ids: the local ONNX text tower, or another function's (``text_function``)."""
+    """What embeds token ids: the local ONNX text tower, or another function's (``tower_function``)."""
 
     @property
     def loaded(self) -> bool: ...

@@ -143,7 +143,7 @@ def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = EN
     cache = cache_from_config(model_dir.manifest, settings.cache)  # None when the cache is off
     text_tower = None
     if settings.text_function is not None:
-        from ..aws_lambda.text_function import TextFunctionEncoder
+        from ..aws_lambda.tower_function import TextFunctionEncoder
 
         text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
                                          timeout_s=settings.text_function.timeout_s)

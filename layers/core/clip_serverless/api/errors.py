@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..aws_lambda.text_function import TextFunctionError
+from ..aws_lambda.tower_function import TextFunctionError
 
 log = logging.getLogger("clip_serverless.api")
 
@@ -101,7 +101,7 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _text_function_error(_request: Request, exc: Exception) -> JSONResponse:
-    # compare's text vectors come from another function (text_function.py): its failure, as a status.
+    # compare's text vectors come from another function (tower_function.py): its failure, as a status.
     assert isinstance(exc, TextFunctionError)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return error_response(exc.status, exc.message, headers)

@@ -15,7 +15,7 @@ OpenAI's, so its ``openai`` client (and what is built on it) works with only a `
   before routing, in the ``{"message"}`` shape.)
 
 On AWS this endpoint's function holds the text tower; its image vectors come from the ``embed_image``
-function through Lambda ``Invoke`` (``CLIP_IMAGE_FUNCTION``, :class:`~..aws_lambda.text_function.ImageFunction`).
+function through Lambda ``Invoke`` (``CLIP_IMAGE_FUNCTION``, :class:`~..aws_lambda.tower_function.ImageFunction`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from ..aws_lambda.text_function import ImageFunction, TowerFunction, TowerFunctionError
+from ..aws_lambda.tower_function import ImageFunction, TowerFunction, TowerFunctionError
 from ..engine.model_dir import MANIFEST_NAME
 from ..service import ClipService, ImageDecodeError, TextTooLong
 from ..settings import MAX_FLOAT_CHARS, Settings

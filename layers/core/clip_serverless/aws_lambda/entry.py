@@ -18,7 +18,7 @@ from ..api.routes import Endpoint
 from ..service import ClipService
 from ..settings import Settings
 from ..types import Tower
-from . import snapstart, text_function
+from . import snapstart, tower_function
 from .after_response import after_response, install
 from .metrics import emf_observer
 
@@ -68,7 +68,7 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
 
 class ServingTower:
     """The function's handler, which also answers other functions' direct invocations for the vectors of
-    the tower it lends (:mod:`clip_serverless.aws_lambda.text_function`): ``embed_text`` text vectors for
+    the tower it lends (:mod:`clip_serverless.aws_lambda.tower_function`): ``embed_text`` text vectors for
     ``compare``, ``embed_image`` image vectors for ``embeddings``."""
 
     def __init__(self, app: Any, handler: Callable[[Any, Any], dict[str, Any]], service: ClipService,
@@ -80,8 +80,8 @@ class ServingTower:
         self.max_images = max_images
 
     def __call__(self, event: Any, context: Any) -> dict[str, Any]:
-        if self.tower == "textual" and text_function.is_request(event):
-            return text_function.serve(event, self.service.text_encoder, self.service.manifest)
-        if self.tower == "visual" and text_function.is_image_request(event):
-            return text_function.serve_images(event, self.service, max_images=self.max_images)
+        if self.tower == "textual" and tower_function.is_request(event):
+            return tower_function.serve(event, self.service.text_encoder, self.service.manifest)
+        if self.tower == "visual" and tower_function.is_image_request(event):
+            return tower_function.serve_images(event, self.service, max_images=self.max_images)
         return self.handler(event, context)

@@ -60,7 +60,7 @@ PROTOCOL = 1
 MAX_TOKEN_ID = 49407  # CLIP's end-of-text token, the largest id of its vocabulary
 # Lambda's synchronous Invoke takes at most 6 MiB of request payload; the JSON around the images is < 1 KiB.
 MAX_INVOKE_PAYLOAD_BYTES = 6 * 1024 * 1024 - 4 * 1024
-log = logging.getLogger("clip_serverless.aws_lambda.text_function")
+log = logging.getLogger("clip_serverless.aws_lambda.tower_function")
 
 
 class TowerFunctionError(Exception):
