@@ -19,10 +19,10 @@ from pathlib import Path
 from .codec import MAX_ENTRY_BYTES
 from .faultlog import FaultLog
 from .keys import KEY_PATTERN
-from .tier import ALWAYS, Entry, Policy, TierResult
+from .tier import ALWAYS, Entry, InProcessTier, Policy, TierResult
 
 
-class DiskTier:
+class DiskTier(InProcessTier):
     name = "disk"
     remote = False
     policy: Policy = ALWAYS
@@ -90,15 +90,3 @@ class DiskTier:
             else:
                 result.errors += 1
         return result
-
-    def prepare(self) -> None:
-        pass
-
-    def renew(self) -> bool:
-        return False
-
-    def drain(self, timeout_s: float) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..types import Float32Array
-from .tier import ALWAYS, Entry, Policy, TierResult
+from .tier import ALWAYS, Entry, InProcessTier, Policy, TierResult
 
 # What one entry costs beyond its vector and key: the ndarray object, the key str object and the
 # OrderedDict node (CPython 3.11, numpy 2.4, measured with tracemalloc: ~230 bytes).
@@ -25,7 +25,7 @@ def entry_bytes(key: str, vector: Float32Array) -> int:
     return int(vector.nbytes) + len(key) + ENTRY_OVERHEAD_BYTES
 
 
-class MemoryTier:
+class MemoryTier(InProcessTier):
     """LRU bounded by ``max_bytes`` (vector bytes + key + per-entry overhead). A local :class:`~.tier.Tier`."""
 
     name = "memory"
@@ -76,18 +76,6 @@ class MemoryTier:
         for key, entry in entries.items():
             self.put(key, entry.vector)
         return TierResult(ok=len(entries))
-
-    def prepare(self) -> None:
-        pass
-
-    def renew(self) -> bool:
-        return False
-
-    def drain(self, timeout_s: float) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
     # -- for tests and operators -------------------------------------------------------------------
     def discard(self, key: str) -> None:

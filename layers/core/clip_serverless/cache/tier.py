@@ -101,3 +101,19 @@ class Tier(Protocol):
     def close(self) -> None:
         """Stop threads and close clients (tests, server shutdown)."""
         ...
+
+
+class InProcessTier:
+    """The lifecycle of a tier that holds no client and no queue (memory, disk): nothing to do."""
+
+    def prepare(self) -> None:
+        pass
+
+    def renew(self) -> bool:
+        return False
+
+    def drain(self, timeout_s: float) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
