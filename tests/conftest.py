@@ -28,6 +28,15 @@ def tiny_model_path() -> Path:
     return TINY_MODEL
 
 
+@pytest.fixture(scope="module")
+def tiny_service(tiny_model_path: Path) -> Any:
+    """A ClipService on the demo model, no cache: the local towers' reference answers."""
+    from clip_serverless.engine.model_dir import ModelDir
+    from clip_serverless.service import ClipService
+
+    return ClipService(ModelDir.open(tiny_model_path))
+
+
 def shape_png(shape: str = "circle", color: str = "red", seed: int = 1_000_000_007, fmt: str = "PNG") -> bytes:
     from clip_export.shapes import render_shape
 

@@ -125,3 +125,13 @@ def response_headers(response: dict[str, Any]) -> dict[str, str]:
     for key, values in (response.get("multiValueHeaders") or {}).items():
         headers[key.lower()] = ",".join(values)
     return headers
+
+
+def invoke_payload(data: dict[str, Any]) -> Any:
+    """What boto3's ``invoke`` returns as ``Payload``: a streaming body holding ``data`` as JSON."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    raw = json.dumps(data).encode()
+    return StreamingBody(io.BytesIO(raw), len(raw))

@@ -6,14 +6,12 @@ What /v1/embeddings does with them is in test_openai_api.py; the built functions
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from botocore.response import StreamingBody
 from clip_serverless.aws_lambda.tower_function import (
     IMAGE_KEY,
     ImageFunction,
@@ -21,22 +19,16 @@ from clip_serverless.aws_lambda.tower_function import (
     is_image_request,
     serve_images,
 )
-from clip_serverless.engine.model_dir import ModelDir
 from clip_serverless.service import ClipService
 
 from tests.conftest import b64, shape_png
 from tests.handlers import load_function
-from tests.lambda_events import FakeContext
+from tests.lambda_events import FakeContext, invoke_payload
 
 
 @pytest.fixture(scope="module")
-def local(tiny_model_path: Path) -> ClipService:
-    return ClipService(ModelDir.open(tiny_model_path))
-
-
-def _payload(data: dict[str, Any]) -> StreamingBody:
-    raw = json.dumps(data).encode()
-    return StreamingBody(io.BytesIO(raw), len(raw))
+def local(tiny_service: ClipService) -> ClipService:
+    return tiny_service
 
 
 class EmbedImageStandIn:
@@ -51,7 +43,8 @@ class EmbedImageStandIn:
         self.payload_sizes.append(len(Payload))
         event = json.loads(Payload)
         assert is_image_request(event)
-        return {"StatusCode": 200, "Payload": _payload(serve_images(event, self.service, max_images=self.max_images))}
+        answer = serve_images(event, self.service, max_images=self.max_images)
+        return {"StatusCode": 200, "Payload": invoke_payload(answer)}
 
 
 def test_image_vectors_through_another_function_are_the_local_towers(local: ClipService) -> None:

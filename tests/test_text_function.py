@@ -8,14 +8,11 @@ Stubber, for every answer Lambda can give.
 from __future__ import annotations
 
 import base64
-import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from clip_serverless.aws_lambda.tower_function import (
     EVENT_KEY,
@@ -24,18 +21,14 @@ from clip_serverless.aws_lambda.tower_function import (
     is_request,
     serve,
 )
-from clip_serverless.engine.model_dir import ModelDir
 from clip_serverless.service import ClipService
+
+from tests.lambda_events import invoke_payload
 
 
 @pytest.fixture(scope="module")
-def local(tiny_model_path: Path) -> ClipService:
-    return ClipService(ModelDir.open(tiny_model_path))
-
-
-def _payload(data: dict[str, Any]) -> StreamingBody:
-    raw = json.dumps(data).encode()
-    return StreamingBody(io.BytesIO(raw), len(raw))
+def local(tiny_service: ClipService) -> ClipService:
+    return tiny_service
 
 
 class _ServedLocally:
@@ -48,7 +41,7 @@ class _ServedLocally:
     def invoke(self, FunctionName: str, Payload: bytes) -> dict[str, Any]:
         self.calls += 1
         answer = serve(json.loads(Payload), self.service.text_encoder, self.service.manifest)
-        return {"StatusCode": 200, "Payload": _payload(answer)}
+        return {"StatusCode": 200, "Payload": invoke_payload(answer)}
 
 
 def test_remote_vectors_are_bit_identical_to_the_local_tower(local: ClipService) -> None:
@@ -112,7 +105,7 @@ def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.Mo
     stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
     vector = np.arange(local.manifest.embed_dim, dtype="<f4")
     answer = {EVENT_KEY: {"dim": vector.size, "count": 1, "vectors": base64.b64encode(vector.tobytes()).decode()}}
-    stub.add_response("invoke", {"StatusCode": 200, "Payload": _payload(answer)})
+    stub.add_response("invoke", {"StatusCode": 200, "Payload": invoke_payload(answer)})
     with stub:
         got = encoder.encode(IDS)
     assert np.array_equal(got[0], vector) and len(sleeps) == 1 and 0.05 <= sleeps[0] <= 0.25
@@ -131,7 +124,7 @@ def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.Mo
 def test_text_function_answers_become_clear_statuses(local: ClipService, payload: dict[str, Any],
                                                      function_error: str | None, status: int, text: str) -> None:
     encoder, stub = _stubbed(local.manifest)
-    response: dict[str, Any] = {"StatusCode": 200, "Payload": _payload(payload)}
+    response: dict[str, Any] = {"StatusCode": 200, "Payload": invoke_payload(payload)}
     if function_error:
         response["FunctionError"] = function_error
     stub.add_response("invoke", response)
