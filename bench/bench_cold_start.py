@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
 
+from clip_serverless.api.endpoints import REGISTRY  # noqa: E402
+from clip_serverless.api.endpoints import endpoint as endpoint_spec  # noqa: E402
 from lambda_runtime import BuiltApp, LambdaService, LocalLambda, built_function, cold_start, find_python  # noqa: E402
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
@@ -42,7 +45,8 @@ FP32 = REPO / "build" / "models" / "ViT-B-32-synthetic"
 INT8 = REPO / "build" / "models" / "ViT-B-32-synthetic-int8"
 BENCH = REPO / "build" / "bench-cold-start"
 SAM = os.environ.get("CLIP_SAM") or str(REPO / ".venv-sam" / "bin" / "sam")
-ENDPOINTS = {"embed_text": "EmbedTextFunction", "embed_image": "EmbedImageFunction", "compare": "CompareFunction"}
+# The naive PyTorch baseline knows the three Roboflow endpoints' bodies.
+NAIVE_ENDPOINTS = ("embed_text", "embed_image", "compare")
 NO_CACHE = {"CLIP_CACHE": "off"}
 
 
@@ -154,28 +158,34 @@ def main() -> None:
     built = sam_build(INT8, python)
     dockerfile = Dockerfile.parse(REPO / "Dockerfile", {"MODEL_DIR": str(FP32.relative_to(REPO))})
     image_root = BENCH / "image-fp32"
-    if not (image_root / "opt" / "model" / "manifest.json").exists():
-        assemble(dockerfile, image_root, built.layers["DepsAllLayer"].path / "python")
+    if image_root.exists():  # assembled afresh (hard links: fast), so it never holds an older package
+        shutil.rmtree(image_root)
+    assemble(dockerfile, image_root, built.layers["DepsAllLayer"].path / "python")
     threads = args.cpus or len(os.sched_getaffinity(0))
-    # compare's text vectors: one embed_text environment, started (and warmed) before compare's runs.
+    # The functions that others invoke for one modality (compare -> embed_text, embeddings -> embed_image):
+    # one environment each, started (and warmed) before the runs, as on AWS where they serve their own routes.
     service = LambdaService()
-    text_pool = service.register(built_function(built, "EmbedTextFunction", resources={"CacheBucket": ""}),
-                                 python=python, cpus=args.cpus, env=NO_CACHE, max_concurrency=1)
-    text_pool.prestart(1)
-    text_pool.all[0].invoke_json(event("embed_text"))
+    for lender in {entry.invokes.endpoint for entry in REGISTRY if entry.invokes is not None}:
+        pool = service.register(built_function(built, endpoint_spec(lender).function, resources={"CacheBucket": ""}),
+                                python=python, cpus=args.cpus, env=NO_CACHE, max_concurrency=1)
+        pool.prestart(1)
+        pool.all[0].invoke_json(event(lender))
     invoke_env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
     rows, warm = [], {}
-    for endpoint, name in ENDPOINTS.items():
+    for entry in REGISTRY:
+        endpoint_name, name = entry.name, entry.function
         spec = built_function(built, name, resources={"CacheBucket": ""})
-        int8 = median_cold(spec, endpoint, args.runs, python, args.cpus, invoke_env)
+        int8 = median_cold(spec, endpoint_name, args.runs, python, args.cpus, invoke_env)
         if args.warm:
-            warm[endpoint] = warm_times(spec, endpoint, args.warm, python, args.cpus, invoke_env)
-        fp32 = median_cold(image_function(dockerfile, image_root, name, command=f"functions/{endpoint}/app.handler"),
-                           endpoint, args.runs, python, args.cpus)
-        naive = [] if args.skip_naive else naive_cold(endpoint, args.runs, threads)
+            warm[endpoint_name] = warm_times(spec, endpoint_name, args.warm, python, args.cpus, invoke_env)
+        command = f"functions/{endpoint_name}/app.handler"
+        fp32 = median_cold(image_function(dockerfile, image_root, name, command=command),
+                           endpoint_name, args.runs, python, args.cpus)
+        naive = [] if args.skip_naive or endpoint_name not in NAIVE_ENDPOINTS else naive_cold(endpoint_name,
+                                                                                               args.runs, threads)
         size = built.functions[name].unzipped_bytes() / 2**20
-        rows.append((endpoint, int8, fp32, naive, size))
-        print(f"{endpoint}: int8 {statistics.median(int8):.3f} s, fp32 {statistics.median(fp32):.3f} s"
+        rows.append((endpoint_name, int8, fp32, naive, size))
+        print(f"{endpoint_name}: int8 {statistics.median(int8):.3f} s, fp32 {statistics.median(fp32):.3f} s"
               + (f", naive PyTorch {statistics.median(naive):.3f} s" if naive else ""), file=sys.stderr)
     print(f"\nCold start, process start to first response (median of {args.runs}; min-max), "
           f"{threads} core(s), load average {os.getloadavg()[0]:.1f}:\n")
