@@ -26,11 +26,6 @@ from tests.handlers import load_function
 from tests.lambda_events import FakeContext, invoke_payload
 
 
-@pytest.fixture(scope="module")
-def local(tiny_service: ClipService) -> ClipService:
-    return tiny_service
-
-
 class EmbedImageStandIn:
     """A Lambda client whose invoke runs serve_images on a local service, as the embed_image function does."""
 
@@ -47,36 +42,36 @@ class EmbedImageStandIn:
         return {"StatusCode": 200, "Payload": invoke_payload(answer)}
 
 
-def test_image_vectors_through_another_function_are_the_local_towers(local: ClipService) -> None:
+def test_image_vectors_through_another_function_are_the_local_towers(tiny_service: ClipService) -> None:
     blobs = [shape_png("circle", "red"), shape_png("square", "blue"), shape_png("triangle", "green")]
-    stand_in = EmbedImageStandIn(local)
-    remote = ImageFunction("EmbedImageFunction", local.manifest, client=stand_in)
+    stand_in = EmbedImageStandIn(tiny_service)
+    remote = ImageFunction("EmbedImageFunction", tiny_service.manifest, client=stand_in)
     vectors, counts = remote.embed(blobs)
-    assert np.array_equal(vectors, local.embed_images(blobs, use_cache=False).vectors)
+    assert np.array_equal(vectors, tiny_service.embed_images(blobs, use_cache=False).vectors)
     assert len(stand_in.payload_sizes) == 1 and counts == {}  # one call; no cache in this service
     # Calls are split to stay within the Invoke payload and the batch size, in order.
-    small = ImageFunction("EmbedImageFunction", local.manifest, client=stand_in, max_images=2,
+    small = ImageFunction("EmbedImageFunction", tiny_service.manifest, client=stand_in, max_images=2,
                           max_payload_bytes=2 * 4 * len(blobs[0]) // 3 + 64)
     stand_in.payload_sizes.clear()
     assert np.array_equal(small.embed(blobs)[0], vectors)
     assert len(stand_in.payload_sizes) == 3
-    tiny = ImageFunction("EmbedImageFunction", local.manifest, client=stand_in, max_payload_bytes=100)
+    tiny = ImageFunction("EmbedImageFunction", tiny_service.manifest, client=stand_in, max_payload_bytes=100)
     with pytest.raises(TowerFunctionError) as caught:
         tiny.embed(blobs)
     assert caught.value.status == 413 and "Image 0" in caught.value.message
 
 
-def test_the_image_function_refuses_what_it_cannot_embed(local: ClipService) -> None:
-    remote = ImageFunction("EmbedImageFunction", local.manifest, client=EmbedImageStandIn(local))
+def test_the_image_function_refuses_what_it_cannot_embed(tiny_service: ClipService) -> None:
+    remote = ImageFunction("EmbedImageFunction", tiny_service.manifest, client=EmbedImageStandIn(tiny_service))
     with pytest.raises(TowerFunctionError) as caught:
         remote.embed([b"not an image"])
     assert caught.value.status == 400 and caught.value.message.startswith("Could not load input image. Cause: ")
 
     def status(request: Any) -> int:
-        return int(serve_images({IMAGE_KEY: request}, local, max_images=2)[IMAGE_KEY]["error"]["status"])
+        return int(serve_images({IMAGE_KEY: request}, tiny_service, max_images=2)[IMAGE_KEY]["error"]["status"])
 
-    good = {"v": 1, "model": local.manifest.digest, "images": [b64(shape_png())]}
-    assert "vectors" in serve_images({IMAGE_KEY: good}, local, max_images=2)[IMAGE_KEY]
+    good = {"v": 1, "model": tiny_service.manifest.digest, "images": [b64(shape_png())]}
+    assert "vectors" in serve_images({IMAGE_KEY: good}, tiny_service, max_images=2)[IMAGE_KEY]
     assert status({**good, "v": 2}) == 400
     assert status({**good, "model": "0" * 64}) == 503  # another model: a deployment in progress
     assert status({**good, "images": []}) == 400
@@ -93,11 +88,12 @@ def embed_image_handler(tiny_model_path: Path) -> Any:
         return load_function("embed_image").handler
 
 
-def test_embed_image_answers_direct_invocations_for_image_vectors(embed_image_handler: Any, local: ClipService) -> None:
+def test_embed_image_answers_direct_invocations_for_image_vectors(embed_image_handler: Any,
+                                                                  tiny_service: ClipService) -> None:
     red = shape_png("circle", "red")
-    event = {IMAGE_KEY: {"v": 1, "model": local.manifest.digest, "images": [b64(red)], "cache": True}}
+    event = {IMAGE_KEY: {"v": 1, "model": tiny_service.manifest.digest, "images": [b64(red)], "cache": True}}
     answer = embed_image_handler(event, FakeContext())[IMAGE_KEY]
     vectors = np.frombuffer(base64.b64decode(answer["vectors"]), dtype="<f4").reshape(answer["count"], answer["dim"])
-    assert np.array_equal(vectors, local.embed_images([red], use_cache=False).vectors)
+    assert np.array_equal(vectors, tiny_service.embed_images([red], use_cache=False).vectors)
 
 

@@ -26,11 +26,6 @@ from clip_serverless.service import ClipService
 from tests.lambda_events import invoke_payload
 
 
-@pytest.fixture(scope="module")
-def local(tiny_service: ClipService) -> ClipService:
-    return tiny_service
-
-
 class _ServedLocally:
     """A stand-in Lambda client whose invoke runs :func:`serve` on the local tower, as embed_text does."""
 
@@ -44,19 +39,20 @@ class _ServedLocally:
         return {"StatusCode": 200, "Payload": invoke_payload(answer)}
 
 
-def test_remote_vectors_are_bit_identical_to_the_local_tower(local: ClipService) -> None:
+def test_remote_vectors_are_bit_identical_to_the_local_tower(tiny_service: ClipService) -> None:
     texts = ["a red circle", "a blue square on a white background", "x"]
-    want = local.embed_texts(texts, use_cache=False).vectors
-    client = _ServedLocally(local)
-    remote = ClipService(local.model_dir, text_tower=TextFunctionEncoder("embed-text", local.manifest, client=client))
+    want = tiny_service.embed_texts(texts, use_cache=False).vectors
+    client = _ServedLocally(tiny_service)
+    encoder = TextFunctionEncoder("embed-text", tiny_service.manifest, client=client)
+    remote = ClipService(tiny_service.model_dir, text_tower=encoder)
     got = remote.embed_texts(texts, use_cache=False)
     assert client.calls == 1
     assert got.vectors.dtype == np.float32 and np.array_equal(got.vectors, want)
     assert remote.loaded_towers() == []  # another function's tower is not loaded here
 
 
-def test_serve_refuses_what_it_cannot_embed(local: ClipService) -> None:
-    manifest, encoder = local.manifest, local.text_encoder
+def test_serve_refuses_what_it_cannot_embed(tiny_service: ClipService) -> None:
+    manifest, encoder = tiny_service.manifest, tiny_service.text_encoder
 
     def status(request: Any) -> int:
         answer = serve({EVENT_KEY: request}, encoder, manifest)[EVENT_KEY]
@@ -87,9 +83,9 @@ def _stubbed(manifest: Any) -> tuple[TextFunctionEncoder, Stubber]:
 IDS = np.array([[49406, 320, 49407]], dtype=np.int64)
 
 
-def test_throttled_twice_is_503_with_retry_after(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_throttled_twice_is_503_with_retry_after(tiny_service: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("clip_serverless.aws_lambda.tower_function.time.sleep", lambda _s: None)
-    encoder, stub = _stubbed(local.manifest)
+    encoder, stub = _stubbed(tiny_service.manifest)
     for _ in range(2):
         stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
     with stub, pytest.raises(TextFunctionError) as caught:
@@ -98,12 +94,12 @@ def test_throttled_twice_is_503_with_retry_after(local: ClipService, monkeypatch
     stub.assert_no_pending_responses()
 
 
-def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_throttled_once_then_answered(tiny_service: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr("clip_serverless.aws_lambda.tower_function.time.sleep", sleeps.append)
-    encoder, stub = _stubbed(local.manifest)
+    encoder, stub = _stubbed(tiny_service.manifest)
     stub.add_client_error("invoke", "TooManyRequestsException", "Rate Exceeded.", 429)
-    vector = np.arange(local.manifest.embed_dim, dtype="<f4")
+    vector = np.arange(tiny_service.manifest.embed_dim, dtype="<f4")
     answer = {EVENT_KEY: {"dim": vector.size, "count": 1, "vectors": base64.b64encode(vector.tobytes()).decode()}}
     stub.add_response("invoke", {"StatusCode": 200, "Payload": invoke_payload(answer)})
     with stub:
@@ -121,9 +117,9 @@ def test_throttled_once_then_answered(local: ClipService, monkeypatch: pytest.Mo
     ({EVENT_KEY: {"dim": 3, "count": 1, "vectors": "AAAA"}}, None, 502, "malformed"),
     ({"statusCode": 200, "body": "{}"}, None, 502, "unexpected"),
 ])
-def test_text_function_answers_become_clear_statuses(local: ClipService, payload: dict[str, Any],
+def test_text_function_answers_become_clear_statuses(tiny_service: ClipService, payload: dict[str, Any],
                                                      function_error: str | None, status: int, text: str) -> None:
-    encoder, stub = _stubbed(local.manifest)
+    encoder, stub = _stubbed(tiny_service.manifest)
     response: dict[str, Any] = {"StatusCode": 200, "Payload": invoke_payload(payload)}
     if function_error:
         response["FunctionError"] = function_error
@@ -135,15 +131,15 @@ def test_text_function_answers_become_clear_statuses(local: ClipService, payload
     assert (caught.value.retry_after == 1) == (status == 503)
 
 
-def test_other_client_errors_are_502_naming_the_code(local: ClipService) -> None:
-    encoder, stub = _stubbed(local.manifest)
+def test_other_client_errors_are_502_naming_the_code(tiny_service: ClipService) -> None:
+    encoder, stub = _stubbed(tiny_service.manifest)
     stub.add_client_error("invoke", "AccessDeniedException", "not authorized", 403)
     with stub, pytest.raises(TextFunctionError) as caught:
         encoder.encode(IDS)
     assert caught.value.status == 502 and "AccessDeniedException" in caught.value.message
 
 
-def test_a_text_function_that_does_not_answer_in_time_is_504(local: ClipService) -> None:
+def test_a_text_function_that_does_not_answer_in_time_is_504(tiny_service: ClipService) -> None:
     """A real socket that accepts and never answers: botocore's read timeout, then 504."""
     import socket
 
@@ -156,7 +152,7 @@ def test_a_text_function_that_does_not_answer_in_time_is_504(local: ClipService)
     port = listener.getsockname()[1]
     client = boto3.client("lambda", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{port}",
                           config=Config(read_timeout=0.5, connect_timeout=0.5, retries={"total_max_attempts": 1}))
-    encoder = TextFunctionEncoder("t", local.manifest, timeout_s=0.5, client=client)
+    encoder = TextFunctionEncoder("t", tiny_service.manifest, timeout_s=0.5, client=client)
     try:
         with pytest.raises(TextFunctionError) as caught:
             encoder.encode(IDS)
