@@ -621,3 +621,91 @@ def test_draft_stays_close_to_the_exact_path(name: str) -> None:
     assert min(drafted.size) >= 224
     diff = np.abs(preprocess(drafted) - exact)
     assert diff.mean() < 0.05 and diff.max() < 1.0  # measured: mean <= 0.021, max <= 0.45 (astronaut)
+
+
+# ------------------------------------------------------------------------- bands and batches in parallel
+
+COMMON_SHAPES = [(1024, 768), (768, 1024), (640, 480), (480, 640), (4032, 3024), (3024, 4032), (1920, 1080),
+                 (1080, 1920), (800, 600), (1001, 999)]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_band_resize_is_bit_identical_to_the_full_resize(workers: int) -> None:
+    """Bands (rows of landscape, columns of portrait images) resized alone, over shapes common and odd."""
+    rng = np.random.default_rng(77 + workers)
+    source = Image.fromarray(images.photo("astronaut"))
+    shapes = COMMON_SHAPES + [(int(w), int(h)) for w, h in rng.integers(225, 2000, (40, 2))]
+    banded = 0
+    for width, height in shapes:
+        image = source.resize((width, height), Image.Resampling.BILINEAR)
+        for size in (224, 336):
+            bands = preprocessing._bands(width, height, size, workers)
+            ours = resize_center_crop(image, size, workers=workers)
+            np.testing.assert_array_equal(ours, _full_resize_crop(image, size), err_msg=f"{width}x{height}@{size}")
+            banded += bands is not None
+    assert banded >= len(shapes)  # the band path ran on most shapes, not only the fallback
+
+
+def test_common_photo_shapes_resize_in_bands() -> None:
+    for width, height in COMMON_SHAPES:
+        bands = preprocessing._bands(width, height, 224, 2)
+        assert bands is not None and len(bands) == 2, (width, height)
+        assert bands[0][0] == 0 and bands[-1][1] == 224 and bands[0][1] == bands[1][0]
+
+
+def test_band_plan_refuses_splits_whose_coefficients_differ() -> None:
+    """The vertical axis of a portrait photo is cropped: box edges there are not exact in float32, and the
+    box's own coefficients then differ from the full resize's (checked here with Pillow itself)."""
+    width, height, size = 768, 1024, 224
+    new_w, new_h = preprocessing.resized_size(width, height, size)
+    top = preprocessing.crop_offsets(new_w, new_h, size)[1]
+    scale = height / new_h
+    y0, y1 = float(np.float32((top + 112) * scale)), float(np.float32((top + 224) * scale))
+    full = preprocessing._bicubic_coefficients(height, new_h, top + 112, top + 224)
+    box = preprocessing._bicubic_coefficients(height, 112, 0, 112, box=(y0, y1))
+    assert not np.array_equal(full[1], box[1])
+    image = images.sized(width, height, "coffee")
+    by_box = np.asarray(image.resize((new_w, 112), Image.Resampling.BICUBIC, box=(0, y0, width, y1)))
+    full_rows = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))[top + 112 : top + 224]
+    assert not np.array_equal(by_box, full_rows)
+    bands = preprocessing._bands(width, height, size, 2)
+    assert bands is not None and all(start == 0 or 0 < start < size for start, *_ in bands)
+    assert bands == ((0, 112, 0.0, 384.0), (112, 224, 384.0, 768.0))  # split along the uncropped columns
+
+
+def test_box_coefficients_match_pillow() -> None:
+    """``_bicubic_coefficients(box=...)`` is what Pillow computes for a box: one pass applied with them
+    equals Pillow's resize of that box, on boxes with fractional and float32-rounded edges."""
+    pixels = np.asarray(images.sized(300, 400, "chelsea"))
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        y0 = float(rng.uniform(0, 150))
+        y1 = float(rng.uniform(y0 + 20, 400))
+        out = int(rng.integers(10, 120))
+        starts, weights = preprocessing._bicubic_coefficients(400, out, 0, out, box=(y0, y1))
+        ours = preprocessing._resample_axis(pixels, starts, weights, 0)
+        theirs = np.asarray(Image.fromarray(pixels).resize((300, out), Image.Resampling.BICUBIC, box=(0, y0, 300, y1)))
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"box {y0}..{y1} -> {out}")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_decode_and_preprocess_equals_one_at_a_time(workers: int) -> None:
+    shapes = [(1024, 768, "coffee"), (480, 640, "astronaut"), (300, 300, "chelsea"), (225, 900, "coffee"),
+              (50, 40, "astronaut")]
+    blobs = [images.encode(images.sized(w, h, name), "JPEG", quality=90) for w, h, name in shapes]
+    expected = np.stack([preprocess(decode_image(blob)) for blob in blobs])
+    np.testing.assert_array_equal(preprocessing.decode_and_preprocess(blobs, workers=workers), expected)
+    np.testing.assert_array_equal(preprocessing.decode_and_preprocess(blobs[:1], workers=workers), expected[:1])
+    assert preprocessing.decode_and_preprocess([], workers=workers).shape == (0, 3, 224, 224)
+    np.testing.assert_array_equal(
+        preprocess_batch([decode_image(b) for b in blobs], workers=workers), expected)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_decode_and_preprocess_raises_the_first_bad_image_in_order(workers: int) -> None:
+    good = images.encode(images.sized(64, 48, "coffee"), "PNG")
+    blobs = [good, good, b"not an image", good, b"", good]
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        preprocessing.decode_and_preprocess(blobs, workers=workers)
+    with pytest.raises(ImageDecodeError, match="empty"):
+        preprocessing.decode_and_preprocess([good, b"", b"not an image"], workers=workers)

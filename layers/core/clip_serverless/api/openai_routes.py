@@ -42,6 +42,7 @@ from ..settings import MAX_FLOAT_CHARS, Settings
 from ..types import Float32Array
 from .auth import key_matches, query_or_header_key
 from .body import JsonBodyRequest
+from .dispatch import InlineOnLambda
 from .endpoints import EndpointName, register
 from .errors import ApiError, ErrorJSONResponse, ImageLoadError
 from .images import ImageLoader
@@ -283,7 +284,7 @@ class OpenAIRoutes:
     # -- registration -------------------------------------------------------------------------------
     def router(self, endpoints: Iterable[EndpointName]) -> APIRouter:
         router = APIRouter(responses=_ERRORS, route_class=openai_route_class(lambda: self.settings.api_key))
-        return register(router, endpoints, "openai", self)
+        return register(router, endpoints, "openai", InlineOnLambda(self))
 
 
 def _strings(raw: str | list[str] | list[int] | list[list[int]]) -> list[str]:

@@ -22,6 +22,7 @@ from ..settings import Settings, max_embeddings_per_response
 from . import compare as cmp
 from .auth import check_api_key
 from .body import clip_route_class
+from .dispatch import InlineOnLambda
 from .endpoints import ENDPOINTS as ENDPOINTS  # re-exported: app.py and the tests read it here
 from .endpoints import EndpointName, register
 from .errors import BadRequest, ImageLoadError, NotFound, PayloadTooLarge
@@ -176,4 +177,5 @@ class ClipRoutes:
         # Bodies parsed strictly, and a query/header key checked before them (body.py); the key is read
         # per request, so a key renewed after a SnapStart restore takes effect at once.
         router = APIRouter(responses=_ERRORS, route_class=clip_route_class(lambda: self.settings.api_key))
-        return register(router, endpoints, "roboflow", self)  # each route as its registry entry says
+        # Each route as its registry entry says; blocking work inline under Lambda, else in the thread pool.
+        return register(router, endpoints, "roboflow", InlineOnLambda(self))

@@ -29,8 +29,11 @@ This module imports Pillow; text-only code must not import it.
 from __future__ import annotations
 
 import io
+import itertools
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -200,23 +203,84 @@ def preprocess_batch(
     size: int = CLIP_INPUT_SIZE,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    *,
+    workers: int = 1,
 ) -> Float32Array:
-    """CLIP's transform of N images into one float32 (N, 3, size, size) array (N may be 0)."""
+    """CLIP's transform of N images into one float32 (N, 3, size, size) array (N may be 0).
+
+    ``workers`` > 1: several images at once, or one image in bands (``resize_center_crop``); same bytes."""
     table = _normalisation_table(*_check_args(size, mean, std))
     checked = [_checked_image(image) for image in images]
     out = np.empty((len(checked), 3, size, size), dtype=np.float32)
-    for row, image in zip(out, checked, strict=True):
-        _normalise_into(row, resize_center_crop(image, size), table)
+
+    def one(row: int) -> None:
+        _normalise_into(out[row], resize_center_crop(checked[row], size, workers=band_workers), table)
+
+    band_workers = workers if len(checked) == 1 else 1
+    _each(one, len(checked), workers)
     return out
 
 
+def decode_and_preprocess(
+    blobs: Sequence[bytes | bytearray | memoryview],
+    size: int = CLIP_INPUT_SIZE,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    workers: int = 1,
+) -> Float32Array:
+    """``decode_image`` then CLIP's transform of each blob: float32 (N, 3, size, size).
+
+    With ``workers`` > 1, a batch decodes and resizes several images at once (Pillow and numpy release the
+    GIL), a single image resizes in bands. The first bad blob in input order raises its ImageDecodeError.
+    """
+    table = _normalisation_table(*_check_args(size, mean, std))
+    out = np.empty((len(blobs), 3, size, size), dtype=np.float32)
+    band_workers = workers if len(blobs) == 1 else 1
+
+    def one(row: int) -> None:
+        image = decode_image(blobs[row], max_pixels=max_pixels)
+        _normalise_into(out[row], resize_center_crop(image, size, workers=band_workers), table)
+
+    _each(one, len(blobs), workers)
+    return out
+
+
+def _each(work: Callable[[int], None], count: int, workers: int) -> None:
+    """``work(i)`` for i in range(count), up to ``workers`` at once; the first failure in input order is raised."""
+    if workers <= 1 or count <= 1:
+        for i in range(count):
+            work(i)
+        return
+    pool = _band_pool()
+    rest = [pool.submit(_stride, work, start, count, workers) for start in range(1, min(workers, count))]
+    outcomes = [_stride(work, 0, count, workers), *(future.result() for future in rest)]
+    failures = [outcome for outcome in outcomes if outcome is not None]
+    if failures:
+        raise min(failures, key=lambda failure: failure[0])[1]
+
+
+def _stride(work: Callable[[int], None], start: int, count: int, step: int) -> tuple[int, Exception] | None:
+    """``work`` on rows start, start + step, ... up to the first failure: (its row, its exception)."""
+    for i in range(start, count, step):
+        try:
+            work(i)
+        except Exception as exc:
+            return i, exc
+    return None
+
+
 def resize_center_crop(
-    image: Image.Image, size: int = CLIP_INPUT_SIZE, *, max_resized_pixels: int = MAX_RESIZED_PIXELS
+    image: Image.Image, size: int = CLIP_INPUT_SIZE, *, max_resized_pixels: int = MAX_RESIZED_PIXELS,
+    workers: int = 1,
 ) -> UInt8Array:
     """torchvision ``Resize(size, BICUBIC)`` then ``CenterCrop(size)``: uint8 (size, size, 3), RGB.
 
     The image is converted to RGB first (``to_rgb``). If the resized image would have more than
     ``max_resized_pixels`` pixels, only the cropped window is computed (same result, bounded memory).
+    ``workers`` > 1 resizes the output in that many bands at once (``_bands``), bit for bit
+    the same; Pillow releases the GIL while it resamples.
     """
     _check_size(size)
     image = to_rgb(image)
@@ -225,6 +289,9 @@ def resize_center_crop(
     if (new_w, new_h) == (width, height):  # torchvision returns the image itself: no resampling at all
         return center_crop(image, size)
     if new_w * new_h <= max_resized_pixels or new_w == new_h:
+        bands = _bands(width, height, size, workers) if workers > 1 else None
+        if bands is not None:
+            return _resize_bands(image, size, bands)
         return center_crop(image.resize((new_w, new_h), Image.Resampling.BICUBIC), size)
     return _resize_window(image, new_w, new_h, size)
 
@@ -293,6 +360,108 @@ def _normalise_into(out: Float32Array, pixels: UInt8Array, table: Float32Array) 
     for channel in range(3):
         # mode="wrap" skips the bounds check's buffering; uint8 indices are always within the 256 entries.
         np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="wrap")
+
+
+# ---------------------------------------------------------------------------- bands resized in parallel
+
+# Bands of the output along its short side (rows of a landscape image, columns of a portrait one): each band
+# is ``(start, stop, in0, in1)``, output positions [start, stop) read from the source interval (in0, in1).
+Band = tuple[int, int, float, float]
+
+# Bands are at least this many output rows (or columns): below it a thread hand-off costs more than they do.
+_MIN_BAND = 32
+_BAND_POOL: list[ThreadPoolExecutor] = []
+_BAND_POOL_LOCK = threading.Lock()
+
+
+def _bands(width: int, height: int, size: int, workers: int) -> tuple[Band, ...] | None:
+    """Split the output along the image's short side into bands that Pillow resizes alone, bit for bit as
+    one resize of the whole image (None: resize it whole).
+
+    A band of a landscape image is ``Image.resize((new_w, rows), BICUBIC, box=(0, in0, width, in1))`` (of a
+    portrait one, the same with columns). Pillow rounds the box to float32 and computes its own centres from
+    it, so a band reproduces the full resize only where its coefficients on that axis (first source pixel,
+    fixed-point weights) equal those of the same positions of the full resize. That is checked here, exactly
+    as Pillow computes them (``_bicubic_coefficients``), for split points near the even split; a split that
+    does not reproduce them is never used. The short side is split because it is not cropped: its box edges
+    (``position * source / size``) are exact in float32 at the even split. The other axis is the full
+    resize's, cropped afterwards. Cached per geometry.
+    """
+    return _bands_cached(width, height, size, min(workers, size // _MIN_BAND))
+
+
+@lru_cache(maxsize=256)
+def _bands_cached(width: int, height: int, size: int, count: int) -> tuple[Band, ...] | None:
+    if count < 2:
+        return None
+    new_w, new_h = resized_size(width, height, size)
+    order = _pillow_resizes_vertically_first(width, height, new_w, new_h)
+    rows = width > height  # landscape: split the rows (its short side); portrait or square: the columns
+    source = height if rows else width
+    if source == size:
+        return None  # that axis is not resampled at all: nothing to split
+    full = _bicubic_coefficients(source, size, 0, size)
+    scale = source / size
+
+    def edge(position: int) -> float:
+        return float(np.float32(position * scale)) if 0 < position < size else float(source if position else 0)
+
+    def reproduces(start: int, stop: int) -> bool:
+        in0, in1 = edge(start), edge(stop)
+        band = (new_w, stop - start) if rows else (stop - start, new_h)
+        if _pillow_resizes_vertically_first(width, height, *band) != order:
+            return False  # Pillow would run the two passes in the other order (they round differently)
+        starts, weights = _bicubic_coefficients(source, stop - start, 0, stop - start, box=(in0, in1))
+        return bool(np.array_equal(starts, full[0][start:stop]) and np.array_equal(weights, full[1][start:stop]))
+
+    edges = [0]
+    for i in range(1, count):
+        even = round(size * i / count)
+        # The even split first, then its neighbours: the first that reproduces the band it closes.
+        for position in sorted(range(even - 8, even + 9), key=lambda p: abs(p - even)):
+            if edges[-1] + _MIN_BAND // 2 <= position < size and reproduces(edges[-1], position):
+                edges.append(position)
+                break
+        else:
+            return None
+    if not reproduces(edges[-1], size):
+        return None
+    edges.append(size)
+    return tuple((a, b, edge(a), edge(b)) for a, b in itertools.pairwise(edges))
+
+
+def _band_pool() -> ThreadPoolExecutor:
+    if not _BAND_POOL:
+        with _BAND_POOL_LOCK:
+            if not _BAND_POOL:  # one small pool per process, created on first use (import stays cheap)
+                _BAND_POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="resize-band"))
+    return _BAND_POOL[0]
+
+
+def _resize_bands(image: Image.Image, size: int, bands: tuple[Band, ...]) -> UInt8Array:
+    """The centre crop of the full resize, its bands resized at once (this thread does the first)."""
+    width, height = image.size
+    new_w, new_h = resized_size(width, height, size)
+    left, top = crop_offsets(new_w, new_h, size)
+    rows = width > height
+    bicubic = Image.Resampling.BICUBIC
+
+    def band(b: Band) -> UInt8Array:
+        start, stop, in0, in1 = b
+        if rows:
+            part = image.resize((new_w, stop - start), bicubic, box=(0, in0, width, in1))
+            return np.asarray(part.crop((left, 0, left + size, stop - start)))
+        part = image.resize((stop - start, new_h), bicubic, box=(in0, 0, in1, height))
+        return np.asarray(part.crop((0, top, stop - start, top + size)))
+
+    pending = [_band_pool().submit(band, b) for b in bands[1:]]
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    view = out if rows else out.transpose(1, 0, 2)  # bands along columns: write through a transposed view
+    view[bands[0][0] : bands[0][1]] = band(bands[0]) if rows else band(bands[0]).transpose(1, 0, 2)
+    for b, future in zip(bands[1:], pending, strict=True):
+        part = future.result()
+        view[b[0] : b[1]] = part if rows else part.transpose(1, 0, 2)
+    return out
 
 
 # --------------------------------------------------------------- windowed resize for extreme aspect ratios
@@ -377,19 +546,23 @@ def _bicubic_filter(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def _bicubic_coefficients(
-    in_size: int, out_size: int, start: int, stop: int
+    in_size: int, out_size: int, start: int, stop: int, box: tuple[float, float] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
     """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for output positions ``start..stop-1``.
+
+    ``box``: the source interval ``(in0, in1)`` of ``Image.resize(..., box=...)`` on this axis (default: the
+    whole axis). Pillow passes the box as C floats, so it is rounded to float32 here too.
 
     Returns the first source index of each output position (n,) and fixed-point weights (n, ksize), zero past
     each position's window. Taps that would fall outside the image have zero weight.
     """
-    scale = in_size / out_size
+    in0, in1 = (np.float32(0.0), np.float32(in_size)) if box is None else (np.float32(box[0]), np.float32(box[1]))
+    scale = float(np.float32(in1 - in0)) / out_size  # C: (double)(in1 - in0) / outSize, the difference in float
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
     ksize = math.ceil(support) * 2 + 1
     ss = 1.0 / filterscale
-    center = (np.arange(start, stop, dtype=np.float64) + 0.5) * scale
+    center = float(in0) + (np.arange(start, stop, dtype=np.float64) + 0.5) * scale
     xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C's (int) truncates
     xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size)
     taps = np.arange(ksize, dtype=np.int64)
