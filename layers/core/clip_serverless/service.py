@@ -147,11 +147,13 @@ class ClipService:
         """Raw encoded image bytes in, embeddings out; raises ``ImageDecodeError`` for bad images."""
 
         def compute(indices: Sequence[int]) -> Float32Array:
-            from .engine.preprocessing import decode_image, preprocess_batch
+            from .engine.encoder import available_cpus
+            from .engine.preprocessing import decode_and_preprocess
 
             m = self.manifest
-            images = [decode_image(blobs[i], max_pixels=self.max_image_pixels) for i in indices]
-            pixels = preprocess_batch(images, m.image_size, m.mean, m.std)
+            # Several images decode and resize at once, one image in bands: on every vCPU the function has.
+            pixels = decode_and_preprocess([blobs[i] for i in indices], m.image_size, m.mean, m.std,
+                                           max_pixels=self.max_image_pixels, workers=available_cpus())
             return self.image_encoder.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)
