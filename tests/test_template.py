@@ -23,6 +23,9 @@ from clip_serverless.types import Tower
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = {"zip": REPO / "template.yaml", "image": REPO / "template.image.yaml"}
 FUNCTIONS = tuple(spec.function for spec in REGISTRY)
+# Beside the endpoints' functions, the zip flavour deploys bulk embedding's (behind BulkSourceBucket; their
+# roles, layers and state machine: tests/test_bulk_template.py).
+BULK_FUNCTIONS = {"zip": ("BulkJobFunction", "BulkEmbedImageFunction", "BulkEmbedTextFunction"), "image": ()}
 SPEC_OF = {spec.function: spec for spec in REGISTRY}
 ROUTES = {(path, method.lower()): spec.function for spec in REGISTRY for method, path in spec.gateway_routes}
 # The template parameter each invoked tower's timeout comes from.
@@ -254,7 +257,7 @@ def test_logs_are_kept_for_the_chosen_days_and_the_url_is_an_output(flavour: str
     template = cfn(flavour)
     groups = resources(template, "AWS::Logs::LogGroup")
     assert {g["Properties"]["LogGroupName"]["Fn::Sub"] for g in groups.values()} == {
-        f"/aws/lambda/${{{name}}}" for name in FUNCTIONS}
+        f"/aws/lambda/${{{name}}}" for name in FUNCTIONS + BULK_FUNCTIONS[flavour]}
     assert all(g["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"} for g in groups.values())
     assert "execute-api" in template["Outputs"]["ApiUrl"]["Value"]["Fn::Sub"]
 
@@ -328,7 +331,7 @@ def test_cors_origins_parameter_accepts_origins_only() -> None:
 # -- the registry itself: what the templates are checked against ------------------------------------------
 def test_the_templates_deploy_exactly_the_registrys_functions(flavour: str) -> None:
     template = cfn(flavour)
-    assert set(resources(template, "AWS::Lambda::Function")) == set(FUNCTIONS)
+    assert set(resources(template, "AWS::Lambda::Function")) == set(FUNCTIONS + BULK_FUNCTIONS[flavour])
     assert set(template["Outputs"]) >= {f"{name}Name" for name in FUNCTIONS}
 
 
