@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "build" / "models" / "ViT-B-32-synthetic-int8"
 
 
-def photo_jpeg(name: str = "coffee") -> bytes:
+def photo_jpeg(name: str = "coffee", *, mirror: bool = False) -> bytes:
     """A 1024x768 JPEG (q=90) from a scikit-image photo, made as peer-bench makes its image."""
     import skimage.data
     from PIL import Image
@@ -48,6 +48,8 @@ def photo_jpeg(name: str = "coffee") -> bytes:
     x0, y0 = (w - cw) // 2, (h - ch) // 2
     image = Image.fromarray(pixels[y0 : y0 + ch, x0 : x0 + cw]).convert("RGB")
     image = image.resize((1024, 768), Image.Resampling.LANCZOS)
+    if mirror:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90)
     return buf.getvalue()
