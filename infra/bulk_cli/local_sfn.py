@@ -65,20 +65,23 @@ class LocalStateMachine:
         self.handlers = dict(handlers)
         self.timeouts = dict(timeouts or {})
         self.calls: list[tuple[str, Any]] = []
+        # Unique names: moto's backends outlive this object when it shares them with a server in this process.
+        suffix = uuid.uuid4().hex[:8]
+        self.names = {f"{name}-{suffix}": logical for logical, name in NAMES.items()}
         iam = boto3.client("iam", region_name=REGION)
-        role = iam.create_role(RoleName=f"bulk-{uuid.uuid4().hex[:8]}", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+        role = iam.create_role(RoleName=f"bulk-{suffix}", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
         lam = boto3.client("lambda", region_name=REGION)
         arns = {}
-        for logical, name in NAMES.items():
+        for name, logical in self.names.items():
             arns[logical] = lam.create_function(FunctionName=name, Runtime="python3.12", Role=role,
                                                 Handler="app.handler", Code={"ZipFile": _zip()})["FunctionArn"]
         self.sfn = boto3.client("stepfunctions", region_name=REGION)
-        self.arn = self.sfn.create_state_machine(name="bulk-embed", definition=definition(arns, results),
+        self.arn = self.sfn.create_state_machine(name=f"bulk-embed-{suffix}", definition=definition(arns, results),
                                                  roleArn=role)["stateMachineArn"]
 
     def invoke(self, function_name: str, event: Any) -> tuple[str, bool, str]:
         """What replaces moto's ``_invoke_lambda``: (payload, errored, logs), as Lambda would answer."""
-        logical = {name: logical for logical, name in NAMES.items()}[function_name]
+        logical = self.names[function_name]
         parsed = json.loads(event) if isinstance(event, str) else event
         self.calls.append((logical, parsed))
         handler = self.handlers.get(logical)
@@ -119,11 +122,18 @@ def local_state_machine(handlers: Mapping[str, Handler], *, timeouts: Mapping[st
     def invoke(function: Any, event: Any = None) -> tuple[str, bool, str]:
         return machine[0].invoke(function.function_name, event if event is not None else {})
 
-    mocked = moto_mock(config={"stepfunctions": {"execute_state_machine": True}}) if mock_aws \
-        else contextlib.nullcontext()
-    with mocked, mock.patch.object(lambda_models.LambdaFunction, "_invoke_lambda", invoke):
-        machine.append(LocalStateMachine(handlers, timeouts=timeouts, results=results))
-        yield machine[0]
+    # reset=False, remove_data=False: a moto server in this process shares moto's backends, and must keep
+    # its buckets (the S3 of the job, when AWS_ENDPOINT_URL_S3 names it).
+    mocked = moto_mock(config={"stepfunctions": {"execute_state_machine": True}}) if mock_aws else None
+    if mocked is not None:
+        mocked.start(reset=False)
+    try:
+        with mock.patch.object(lambda_models.LambdaFunction, "_invoke_lambda", invoke):
+            machine.append(LocalStateMachine(handlers, timeouts=timeouts, results=results))
+            yield machine[0]
+    finally:
+        if mocked is not None:
+            mocked.stop(remove_data=False)
 
 
 __all__ = ["FUNCTIONS", "LambdaContext", "LocalStateMachine", "local_state_machine"]

@@ -19,16 +19,24 @@ def map_run_counts(sfn: Any, execution_arn: str) -> dict[str, int] | None:
     return counts
 
 
-def watch(sfn: Any, execution_arn: str, *, poll_s: float = 2.0, out: TextIO = sys.stderr) -> dict[str, Any]:
-    """Poll until the execution ends, drawing the shards done; the final DescribeExecution."""
+def watch(sfn: Any, execution_arn: str, *, poll_s: float = 2.0, out: TextIO | None = None) -> dict[str, Any]:
+    """Poll until the execution ends, drawing the shards done (on ``out``, default stderr); the final
+    DescribeExecution."""
     from tqdm import tqdm
+
+    out = out if out is not None else sys.stderr
 
     bar: Any = None
     said_planning = False
     try:
         while True:
             described: dict[str, Any] = dict(sfn.describe_execution(executionArn=execution_arn))
-            counts = map_run_counts(sfn, execution_arn)
+            try:
+                counts = map_run_counts(sfn, execution_arn)
+            except Exception as exc:  # e.g. no states:ListMapRuns; moto right after the start
+                counts = None
+                if not said_planning:
+                    print(f"map run counts unavailable for now: {type(exc).__name__}: {exc}", file=out)
             if counts is None and not said_planning and described["status"] == "RUNNING":
                 print(f"{time.strftime('%H:%M:%S')} planning (listing the source)...", file=out, flush=True)
                 said_planning = True
