@@ -151,5 +151,25 @@ sam-sizes: $(VENV)/.dev ## each built function + its layers against Lambda's 250
 bench-cold-start: models-b32 sam-setup ## cold start of the built functions vs a naive PyTorch handler
 	$(PY) bench/bench_cold_start.py
 
+# Bulk embedding (README: Bulk embedding): infra/bulk_cli. A job is SRC (a prefix of images, or with
+# BULK_ARGS=--text a CSV or JSON Lines file of captions) into DST (one folder per job).
+#   make bulk SRC=s3://bucket/photos/ DST=s3://bucket/clip-embeddings/photos/   on the deployed stack (STACK=)
+#   make bulk-local SRC=... DST=...   on this machine, against AWS_ENDPOINT_URL_S3 (e.g. a moto server), with
+#                                     CLIP_MODEL_DIR; ENGINE=python runs the steps without moto's interpreter
+#   BULK_ARGS="--batch-size 500 --concurrency 100 --dtype float16 --cache --text --inventory s3://..."
+.PHONY: bulk bulk-local
+STACK ?= clip-serverless
+$(VENV)/.bulk: pyproject.toml $(VENV)/.serve
+	$(PIP) install -e '.[serve,bulk]'
+	@touch $@
+
+bulk: $(VENV)/.bulk ## start a bulk embedding job on the deployed stack and watch it (SRC=s3://... DST=s3://...)
+	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo "usage: make bulk SRC=s3://bucket/photos/ DST=s3://bucket/clip-embeddings/photos/"; exit 2; }
+	$(PY) -m bulk_cli start "$(SRC)" "$(DST)" --stack "$(STACK)" $(BULK_ARGS)
+
+bulk-local: $(VENV)/.bulk ## the same job on this machine against AWS_ENDPOINT_URL_S3 (SRC=, DST=, ENGINE=python)
+	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo "usage: make bulk-local SRC=s3://bucket/photos/ DST=s3://bucket/out/"; exit 2; }
+	CLIP_MODEL_DIR=$(CLIP_MODEL_DIR) $(PY) -m bulk_cli local "$(SRC)" "$(DST)" $(if $(ENGINE),--engine $(ENGINE)) $(BULK_ARGS)
+
 clean: ## remove environments and build output
 	rm -rf $(VENV) $(SDK_VENV) $(SAM_VENV) build .aws-sam

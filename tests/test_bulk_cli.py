@@ -42,7 +42,7 @@ def test_bulk_local_runs_a_job_against_an_s3_endpoint(endpoint: str, engine: str
     code = cli.main(["local", "s3://cli-photos/in/", dst, "--batch-size", "3", "--engine", engine])
     out, err = capsys.readouterr()
     manifest = json.loads(out)
-    assert code == 0 and manifest["complete"] is True, err
+    assert code == 0 and manifest["complete"] is True and manifest["map_error"] is None, err
     assert manifest["counts"] == {"listed": 8, "embedded": 7, "errors": 1, "shards": 3, "shards_missing": 0,
                                   "cache_writes": 0}
     assert "complete: listed 8 = embedded 7 + errors 1" in err

@@ -29,6 +29,7 @@ SRC_BUCKET = "photos-src"
 DST_BUCKET = "photos-dst"
 CACHE_BUCKET = "clip-cache"
 BATCH = 40
+RESULTS = (DST_BUCKET, "out/_sfn-results")  # the ResultWriter's, as the template's BulkDestination* give it
 Handler = Callable[[Any, Any], dict[str, Any]]
 
 
@@ -126,8 +127,9 @@ def deleting_after_plan(s3: Any, key: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
-JOB: dict[str, Any] = {"job": {"src": f"s3://{SRC_BUCKET}/photos/", "dst": f"s3://{DST_BUCKET}/out/run1/", "batch_size": BATCH,
-               "max_object_bytes": 100_000, "cache": True}, "max_concurrency": 4}
+JOB: dict[str, Any] = {"job": {"src": f"s3://{SRC_BUCKET}/photos/", "dst": f"s3://{DST_BUCKET}/out/run1/",
+                               "batch_size": BATCH, "max_object_bytes": 100_000, "cache": True},
+                       "max_concurrency": 4}
 
 
 def run(machine: LocalStateMachine, job: dict[str, Any] = JOB) -> dict[str, Any]:
@@ -158,7 +160,7 @@ def test_a_job_over_hundreds_of_objects_balances_and_a_rerun_embeds_nothing_agai
     first: list[dict[str, Any]] = []
     served = handlers(s3, tiny_model_path, BulkJobFunction=deleting_after_plan(s3, "photos/vanishes.png"),
                       BulkEmbedImageFunction=recording(first))
-    with local_state_machine(served, results=(DST_BUCKET, "out/_sfn-results"), mock_aws=False) as machine:
+    with local_state_machine(served, results=RESULTS, mock_aws=False) as machine:
         described = run(machine)
         assert described["status"] == "SUCCEEDED", described
         plans = [event for name, event in machine.calls if name == "BulkJobFunction" and event["step"] == "plan"]
@@ -167,7 +169,7 @@ def test_a_job_over_hundreds_of_objects_balances_and_a_rerun_embeds_nothing_agai
         assert counts is not None and counts["total"] == counts["succeeded"] == shards
 
         done = manifest(s3)
-        assert done["complete"] is True
+        assert done["complete"] is True and done["map_error"] is None
         assert done["counts"] == {"listed": listed, "embedded": len(good), "errors": len(broken), "shards": shards,
                                   "shards_missing": 0, "cache_writes": len(good)}
         assert done["errors_by_reason"] == {reason: list(broken.values()).count(reason)
@@ -241,7 +243,8 @@ def test_a_failed_shard_leaves_the_job_incomplete_until_a_rerun(s3: Any, photos:
         return run_shard
 
     job = {**JOB, "job": {**JOB["job"], "dst": f"s3://{DST_BUCKET}/out/run2/", "cache": False}}
-    with local_state_machine(handlers(s3, tiny_model_path, BulkEmbedImageFunction=flaky), mock_aws=False) as machine:
+    with local_state_machine(handlers(s3, tiny_model_path, BulkEmbedImageFunction=flaky), results=RESULTS,
+                             mock_aws=False) as machine:
         described = run(machine, job)
         # moto ignores ToleratedFailurePercentage (its Map run succeeds); AWS fails the Map run, whose Catch
         # goes to Finish. Either way the finisher finds the shard missing and the job fails.
@@ -270,7 +273,7 @@ def test_transient_s3_faults_are_retried_by_the_state_machine(s3: Any, tiny_mode
 
     job = {"job": {"src": f"s3://{SRC_BUCKET}/photos/", "dst": f"s3://{DST_BUCKET}/out/run3/"}}
     with local_state_machine(handlers(s3, tiny_model_path, BulkEmbedImageFunction=throttled_once),
-                             mock_aws=False) as machine:
+                             results=RESULTS, mock_aws=False) as machine:
         assert run(machine, job)["status"] == "SUCCEEDED"
     assert attempts == ["000000", "000000"]
     assert manifest(s3, "out/run3/")["counts"]["embedded"] == 1
@@ -278,7 +281,7 @@ def test_transient_s3_faults_are_retried_by_the_state_machine(s3: Any, tiny_mode
 
 def test_an_empty_prefix_finishes_with_zero_counts(s3: Any, tiny_model_path: Path) -> None:
     job = {"job": {"src": f"s3://{SRC_BUCKET}/photos/", "dst": f"s3://{DST_BUCKET}/out/empty/"}}
-    with local_state_machine(handlers(s3, tiny_model_path), mock_aws=False) as machine:
+    with local_state_machine(handlers(s3, tiny_model_path), results=RESULTS, mock_aws=False) as machine:
         assert run(machine, job)["status"] == "SUCCEEDED"
     assert manifest(s3, "out/empty/")["counts"] == {"listed": 0, "embedded": 0, "errors": 0, "shards": 0,
                                                     "shards_missing": 0, "cache_writes": 0}
@@ -286,7 +289,7 @@ def test_an_empty_prefix_finishes_with_zero_counts(s3: Any, tiny_model_path: Pat
 
 def test_a_job_outside_the_deployed_prefixes_fails_with_the_reason(s3: Any, tiny_model_path: Path) -> None:
     job = {"job": {"src": f"s3://{SRC_BUCKET}/elsewhere/", "dst": f"s3://{DST_BUCKET}/out/x/"}}
-    with local_state_machine(handlers(s3, tiny_model_path), mock_aws=False) as machine:
+    with local_state_machine(handlers(s3, tiny_model_path), results=RESULTS, mock_aws=False) as machine:
         described = run(machine, job)
     assert described["status"] == "FAILED" and described["error"] == "JobError"
     assert "outside s3://photos-src/photos/" in described["cause"]
@@ -300,7 +303,7 @@ def test_captions_become_text_shards_equal_to_embed_text(s3: Any, tiny_model_pat
     s3.put_object(Bucket=SRC_BUCKET, Key="photos/captions.csv", Body="\n".join(lines).encode())
     job = {"job": {"src": f"s3://{SRC_BUCKET}/photos/captions.csv", "dst": f"s3://{DST_BUCKET}/out/text/",
                    "modality": "text", "id_column": "id", "batch_size": 4}}
-    with local_state_machine(handlers(s3, tiny_model_path), mock_aws=False) as machine:
+    with local_state_machine(handlers(s3, tiny_model_path), results=RESULTS, mock_aws=False) as machine:
         assert run(machine, job)["status"] == "SUCCEEDED"
     done = manifest(s3, "out/text/")
     assert done["counts"]["listed"] == len(captions) + 1 and done["counts"]["errors"] == 1

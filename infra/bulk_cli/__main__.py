@@ -124,7 +124,8 @@ def local(args: argparse.Namespace) -> int:
         return _report(s3, dst, "finished")
     from .local_sfn import local_state_machine
 
-    with local_state_machine(handlers) as machine:
+    bucket, _, prefix = dst.removeprefix("s3://").partition("/")
+    with local_state_machine(handlers, results=(bucket, f"{prefix}_sfn-results")) as machine:
         execution = machine.start(data)
         described = watch(machine.sfn, execution, poll_s=0.5)
         print(f"execution {described['status']}", file=sys.stderr)
