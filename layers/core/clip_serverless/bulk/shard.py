@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 REASONS = ("empty", "too_large", "not_an_image", "unreadable", "vanished")
 FETCH_WORKERS = 8
 WINDOW = 2 * FETCH_WORKERS  # objects fetched or decoded ahead of the encoder, at most
+# Decodes at once: a 64-megapixel photo (CLIP_MAX_IMAGE_PIXELS) takes ~256 MB decoded, so eight at once would
+# not fit 1769 MB beside the model; on one vCPU more than one gains nothing anyway.
+DECODERS = 2
 READ_ATTEMPTS = 3  # a body read cut off mid-stream (botocore's retries end when the headers arrive)
 
 
@@ -91,6 +95,7 @@ class ShardRunner:
         self.cache = cache
         self.cache_s3 = cache_s3 or s3
         self.manifest = service.manifest
+        self._decoders = threading.BoundedSemaphore(DECODERS)
 
     # -- the shard ---------------------------------------------------------------------------------
     def run(self, spec: JobSpec, shard: str, batch_key: str) -> dict[str, Any]:
@@ -164,8 +169,10 @@ class ShardRunner:
             return Loaded(seen, reason="too_large", detail=f"over max_object_bytes {spec.max_object_bytes}")
         m = self.manifest
         try:
-            image = decode_image(data, max_pixels=self.service.max_image_pixels)
-            pixels = preprocess_batch([image], m.image_size, m.mean, m.std)
+            with self._decoders:
+                image = decode_image(data, max_pixels=self.service.max_image_pixels)
+                pixels = preprocess_batch([image], m.image_size, m.mean, m.std)
+                del image
         except ImageDecodeError as exc:
             return Loaded(seen, reason=decode_reason(exc), detail=str(exc))
         meta = {"key": key, "image_path": f"s3://{spec.src.bucket}/{key}", "size": len(data), "etag": etag,
