@@ -50,6 +50,10 @@ def test_bulk_embedding_is_off_unless_a_source_bucket_is_given(template: dict[st
              *(f"{f}Role" for f in BULK), "BulkStateMachineRole"]
     for name in names:
         assert template["Resources"][name]["Condition"] == "Bulk", name
+    generated = [name for name in template["Resources"] if name.startswith("Bulk")]  # versions, aliases too
+    assert len(generated) > len(names)
+    for name in generated:
+        assert template["Resources"][name].get("Condition") == "Bulk", name
     for name in ("BulkStateMachineArn", "BulkSource", "BulkDestination"):
         assert template["Outputs"][name]["Condition"] == "Bulk"
     rule = load_template()["Rules"]["BulkDestinationGiven"]
@@ -66,6 +70,7 @@ def test_the_embed_functions_run_the_api_towers_layers_and_the_job_function_the_
     for name in BULK:
         props = template["Resources"][name]["Properties"]
         assert props["Timeout"] == 900  # Lambda's most; a 1000-photo shard takes 44-150 s at 1769 MB
+        assert "SnapStart" not in props or props["SnapStart"] == {"ApplyOn": "None"}
         env = props["Environment"]["Variables"]
         for key in ("CLIP_API_KEY_SECRET_ID", "CLIP_API_KEY_SSM_PARAMETER"):  # the Globals' key store, removed
             assert env[key] == {"Ref": "AWS::NoValue"}
