@@ -18,6 +18,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from botocore.stub import Stubber
+from clip_serverless.aws_clients import forget_session
 from clip_serverless.aws_lambda import snapstart
 from clip_serverless.aws_lambda.secrets import (
     DEFAULT_RETRY,
@@ -26,7 +27,7 @@ from clip_serverless.aws_lambda.secrets import (
     ApiKey,
     ApiKeyUnavailable,
     RetryPolicy,
-    _boto3_client,
+    _aws_client,
     resolve_api_key,
 )
 from clip_serverless.cache.s3 import S3Tier
@@ -114,8 +115,8 @@ def test_the_worst_case_is_computed_from_the_policy_and_the_deadline_binds() -> 
     assert RetryPolicy(attempts=3, deadline_s=10).worst_case_s() == pytest.approx(3 * 1.5 + 0.1 + 0.2)
 
 
-def test_the_boto3_client_has_the_timeouts_and_no_retries_of_its_own() -> None:
-    client = _boto3_client("ssm", DEFAULT_RETRY)
+def test_the_aws_client_has_the_timeouts_and_no_retries_of_its_own() -> None:
+    client = _aws_client("ssm", DEFAULT_RETRY)
     assert client.meta.config.connect_timeout == 0.5
     assert client.meta.config.read_timeout == 1.0
     assert client.meta.config.retries["total_max_attempts"] == 1  # the loop in secrets.py is the only policy
@@ -319,8 +320,9 @@ def test_hooks_go_to_lambda_s_module_when_it_is_there(local_hooks: None, monkeyp
     assert snapstart.register_after_restore(renew_lambda_client) is renew_lambda_client  # usable as a decorator
     names = snapstart.install()
     assert registered["after"][0] == (renew_lambda_client, (), {})
-    assert [f for f, _, _ in registered["after"][1:]] == [snapstart.reseed_random, snapstart.renew_instance_id]
-    assert names == ["reseed_random", "renew_instance_id"]
+    assert [f for f, _, _ in registered["after"][1:]] == [snapstart.reseed_random, snapstart.renew_instance_id,
+                                                          forget_session]
+    assert names == ["reseed_random", "renew_instance_id", "forget_session"]
     assert snapstart.local_hooks() == ([], [])  # nothing kept locally: the runtime runs them, once
 
 
@@ -407,7 +409,7 @@ def test_a_simulated_restore_renews_the_key_the_s3_client_the_instance_id(
     service = app.state.service
     service.cache.preload(("image", "text"))
     names = snapstart.install(settings=settings, service=service)
-    assert names == ["reseed_random", "renew_instance_id", "renew_clients", "refresh_api_key"]
+    assert names == ["reseed_random", "renew_instance_id", "forget_session", "renew_clients", "refresh_api_key"]
     s3_client = service.cache.tier("s3").client
 
     body = {"text": ["a photo of a red circle."]}

@@ -113,7 +113,7 @@ def test_both_key_stores_is_a_settings_error_naming_both(monkeypatch: pytest.Mon
     def no_store(*_args: Any) -> Any:
         raise AssertionError("a store was read")
 
-    monkeypatch.setattr(secrets, "_boto3_client", no_store)
+    monkeypatch.setattr(secrets, "_aws_client", no_store)
     env = {"CLIP_MODEL_DIR": "m", secrets.SSM_VARIABLE: "/k", secrets.SECRET_VARIABLE: "k"}
     with pytest.raises(SettingsError, match=f"{secrets.SSM_VARIABLE} and {secrets.SECRET_VARIABLE}, not both") as bad:
         Settings.from_env(env)
@@ -127,7 +127,7 @@ def test_the_key_store_is_read_only_after_every_other_value_passed(monkeypatch: 
         reads.append(service)
         raise AssertionError("no store in tests")
 
-    monkeypatch.setattr(secrets, "_boto3_client", store)
+    monkeypatch.setattr(secrets, "_aws_client", store)
     env = {"CLIP_MODEL_DIR": "m", secrets.SECRET_VARIABLE: "k", "CLIP_URL_MAX_REDIRECTS": "many"}
     with pytest.raises(SettingsError, match="CLIP_URL_MAX_REDIRECTS"):
         Settings.from_env(env)

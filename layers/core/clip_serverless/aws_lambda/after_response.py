@@ -9,7 +9,7 @@
 Nothing here may break a request: off Lambda, when ``CLIP_CACHE_S3_WRITE=sync`` is set explicitly, for a
 cache without remote tiers, or when registering fails (an emulator without the Extensions API answers 404),
 :func:`install` returns False and the cache keeps its configured mode; the wrapper then only calls the
-handler. Standard library only; no boto3 here.
+handler. Standard library only; no botocore here.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ the plain ``background`` mode.
 
 Any fault after registration (``/event/next`` failing, a bug here) is logged once and every cache goes back
 to ``sync`` writes. The API client is :mod:`.extensions_api`; the process-wide install and the handler
-wrapper are :mod:`.after_response`. Standard library only; no boto3 here.
+wrapper are :mod:`.after_response`. Standard library only; no botocore here.
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ push init towards Lambda's 10 s init limit (nor the after-restore hooks past the
   starts only when a whole ``attempt_s`` still fits before it, and the sleep before it is shortened to fit.
 
 **Worst case** (:meth:`RetryPolicy.worst_case_s`): ``min(deadline_s, attempts * attempt_s + sum of the sleep
-caps)`` = min(3.0, 5 * 1.5 + (0.1 + 0.2 + 0.4 + 0.8)) = min(3.0, 9.0) = **3.0 s**, plus the one-time boto3
-import (~140 ms) on the first read. It assumes each attempt ends within its timeouts: botocore's read
-timeout applies per socket read (a ``GetParameter`` answer is a few hundred bytes, one read) and DNS lookups
+caps)`` = min(3.0, 5 * 1.5 + (0.1 + 0.2 + 0.4 + 0.8)) = min(3.0, 9.0) = **3.0 s**, plus the one-time
+botocore import and session (~120 ms) on the first read. It assumes each attempt ends within its timeouts: botocore's
+read timeout applies per socket read (a ``GetParameter`` answer is a few hundred bytes, one read) and DNS lookups
 are not covered by the connect timeout (Lambda's resolver is local). Throttling answers take milliseconds,
 so under a throttling burst all 5 attempts run and the read gives up after at most ~1.5 s of sleeps.
 
-boto3 is imported only when a store is configured (it costs ~140 ms of cold start), the client is closed
+botocore is imported only when a store is configured (:mod:`clip_serverless.aws_clients`), the client is closed
 after the read (no pooled connection goes into a SnapStart snapshot), and a key that cannot be read fails
 with :class:`ApiKeyUnavailable`: an API meant to be protected must never start open.
 
@@ -106,15 +106,15 @@ class RetryPolicy:
         return float(min(self.max_delay_s, self.base_delay_s * 2**retry))
 
     def worst_case_s(self) -> float:
-        """The longest a read can take (excluding the boto3 import): every attempt times out, every sleep
+        """The longest a read can take (excluding the botocore import): every attempt times out, every sleep
         draws its cap, and the deadline cuts it short."""
         unbounded = self.attempts * self.attempt_s + sum(self.delay_cap(i) for i in range(self.attempts - 1))
         return min(self.deadline_s, unbounded)
 
 
 DEFAULT_RETRY = RetryPolicy()
-KeyStore = Literal["ssm", "secretsmanager"]  # the boto3 service names of the two key stores
-ClientFactory = Callable[[KeyStore, RetryPolicy], Any]  # (service name, policy) -> a boto3 client
+KeyStore = Literal["ssm", "secretsmanager"]  # the AWS service names of the two key stores
+ClientFactory = Callable[[KeyStore, RetryPolicy], Any]  # (service name, policy) -> a botocore client
 _SYSTEM_RANDOM = random.SystemRandom()
 
 
@@ -152,7 +152,7 @@ def resolve_api_key(environ: Mapping[str, str] | None = None, *, retry: RetryPol
             value: str | None = client.get_secret_value(SecretId=secret_id).get("SecretString")
             return value
 
-    value = _read_with_retries(service, what, call, retry=retry, client_factory=client_factory or _boto3_client,
+    value = _read_with_retries(service, what, call, retry=retry, client_factory=client_factory or _aws_client,
                                sleep=sleep, clock=clock, uniform=uniform)
     return _non_empty(value, source)
 
@@ -163,14 +163,14 @@ def _non_empty(value: str | None, source: str) -> str:
     return value.strip()
 
 
-def _boto3_client(service: KeyStore, retry: RetryPolicy) -> Any:
-    import boto3  # here, not at the top: only a function with a key store pays for boto3
-    from botocore.config import Config
+def _aws_client(service: KeyStore, retry: RetryPolicy) -> Any:
+    from botocore.config import Config  # here, not at the top: only a function with a key store pays for botocore
+
+    from ..aws_clients import client
 
     config = Config(connect_timeout=retry.connect_timeout_s, read_timeout=retry.read_timeout_s,
                     retries={"total_max_attempts": 1, "mode": "standard"})  # our loop is the only retry policy
-    # A session of its own: boto3's default session is not thread-safe to create clients from.
-    return boto3.session.Session().client(service, config=config)
+    return client(service, config=config)
 
 
 def is_retryable(exc: BaseException) -> bool:

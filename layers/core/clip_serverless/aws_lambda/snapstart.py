@@ -4,7 +4,7 @@ With SnapStart (python3.12+, published versions) Lambda runs init once, snapshot
 copies of that snapshot as new execution environments, minutes to days later. Whatever init created is
 then shared by every copy and possibly stale:
 
-- boto3 clients' pooled connections (the S3 cache tier's, ``compare``'s Lambda client): closed by the peer
+- AWS clients' pooled connections (the S3 cache tier's, ``compare``'s Lambda client): closed by the peer
   long ago. Renewed by :func:`renew_clients` and by each client owner's hook.
 - the API key read from Secrets Manager or SSM: may have been rotated since, perhaps because it leaked.
   Re-read by :func:`refresh_api_key`.
@@ -47,6 +47,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..aws_clients import forget_session
 
 if TYPE_CHECKING:
     from ..service import ClipService
@@ -138,7 +140,7 @@ def renew_instance_id() -> None:
 
 
 def renew_clients(service: ClipService) -> None:
-    """New clients (and connection pools) for the service's cache tiers that have them (S3's boto3 client).
+    """New clients (and connection pools) for the service's cache tiers that have them (S3's client).
     Never raises."""
     if service.cache is not None:
         service.cache.renew()
@@ -161,8 +163,8 @@ def install(*, settings: Settings | None = None, service: ClipService | None = N
             renew: Iterable[Callable[[], object]] = ()) -> list[str]:
     """Register this service's after-restore hooks, once, at init. Returns their names (for a log line).
 
-    Order: random seeds and instance id (cheap, cannot fail), then clients (``service``'s S3 tier, then each
-    callable of ``renew``), then the API key when it comes from a store (the one hook that may fail the
+    Order: random seeds and instance id (cheap, cannot fail), the AWS session, then clients (``service``'s S3
+    tier, then each callable of ``renew``), then the API key when it comes from a store (the one hook that may fail the
     restore, bounded by :data:`clip_serverless.aws_lambda.secrets.DEFAULT_RETRY` at 3 s).
     """
     names: list[str] = []
@@ -173,6 +175,7 @@ def install(*, settings: Settings | None = None, service: ClipService | None = N
 
     add(reseed_random)
     add(renew_instance_id)
+    add(forget_session)  # before any client is renewed: new clients, new session, fresh credentials
     if service is not None:
         add(renew_clients, service)
     for func in renew:

@@ -30,7 +30,7 @@ the other, and vectors of two different models must never be mixed (503, retry).
 
 :func:`serve` and :func:`serve_images` are the lending function's side (plain Python, no AWS);
 :class:`TextFunctionEncoder` (a drop-in for :class:`~clip_serverless.engine.encoder.TextEncoder`) and
-:class:`ImageFunction` the caller's. boto3 is imported only there.
+:class:`ImageFunction` the caller's. botocore is imported only there.
 """
 
 from __future__ import annotations
@@ -202,12 +202,13 @@ class TowerFunction:
             self._client = self._new_client()
 
     def _new_client(self) -> Any:
-        import boto3
         from botocore.config import Config
+
+        from ..aws_clients import client
 
         config = Config(connect_timeout=self.connect_timeout_s, read_timeout=self.timeout_s,
                         retries={"total_max_attempts": 1}, tcp_keepalive=True)
-        return boto3.session.Session().client("lambda", config=config)
+        return client("lambda", config=config)
 
     def _call(self, request: dict[str, Any], n: int) -> tuple[Float32Array, dict[str, Any]]:
         """The (n, D) vectors the other function answers ``request`` with, and its whole reply."""

@@ -47,7 +47,7 @@ extension cannot register).
 Entry points: :func:`from_env` (or :func:`from_config` with a :class:`CacheConfig` read once at start)
 builds the cache (None when ``CLIP_CACHE=off``); :func:`embed_payloads` / :func:`embed_cached` run a request
 through it (or, without a cache, through :func:`compute_uncached`) and return a :class:`CacheStats`.
-Importing this package does not import boto3, the CLIP core, FastAPI or Pillow.
+Importing this package does not import botocore, the CLIP core, FastAPI or Pillow.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ what to fix (as for every other setting), rather than serving with a cache confi
 | ``CLIP_CACHE`` | ``on`` | ``off`` disables every tier |
 | ``CLIP_CACHE_MEMORY_MB`` | ``32`` | in-process LRU bound (a 512-d entry costs ~2.4 KB: ~14,000 entries); 0: none |
 | ``CLIP_CACHE_DIR`` | unset | on-disk tier (local server) |
-| ``CLIP_CACHE_BUCKET`` | unset | S3 tier; unset means no S3 and boto3 is never imported |
+| ``CLIP_CACHE_BUCKET`` | unset | S3 tier; unset means no S3 and botocore is never imported |
 | ``CLIP_CACHE_PREFIX`` | ``embeddings/`` | object key prefix (a ``/`` is appended if missing) |
 | ``CLIP_CACHE_S3_ENDPOINT_URL`` | unset | another S3 endpoint (moto, MinIO) |
 | ``CLIP_CACHE_S3_REGION`` | unset | else botocore's own (``AWS_REGION`` on Lambda) |

@@ -1,7 +1,8 @@
 """The shared tier: one S3 object per entry, read and written concurrently, never allowed to fail a request.
 
-- boto3 is imported when the tier is first used (or :meth:`S3Tier.prepare` is called), never at import:
-  ~120 ms of import and ~100 ms of client creation that a function without a bucket never pays.
+- botocore is imported when the tier is first used (or :meth:`S3Tier.prepare` is called), never at import:
+  ~60 ms of import and ~60 ms of session and client creation that a function without a bucket never pays
+  (:mod:`clip_serverless.aws_clients`: botocore without boto3, one session for the process).
 - A remote :class:`~.tier.Tier` named ``s3``: consulted per its ``policy`` (``CLIP_CACHE_S3_POLICY``), its
   writes waited for or queued (:meth:`S3Tier.drain`) as the cache's write mode says.
 - botocore timeouts are short and attempts bounded (``Config(connect_timeout, read_timeout,
@@ -45,7 +46,7 @@ _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 def describe_error(exc: BaseException, operation: str) -> tuple[bool, str]:
-    """(is_missing_key, cause) for an exception from a boto3 call; the cause carries no secrets."""
+    """(is_missing_key, cause) for an exception from a botocore call; the cause carries no secrets."""
     response: Any = getattr(exc, "response", None)
     if isinstance(response, dict) and isinstance(response.get("Error"), dict):
         code = str(response["Error"].get("Code", "?"))
@@ -109,8 +110,9 @@ class S3Tier:
 
     # -- set-up ------------------------------------------------------------------------------------
     def _default_client(self) -> Any:
-        import boto3  # here, not at the top: only a configured, used S3 tier pays for boto3
-        from botocore.config import Config
+        from botocore.config import Config  # here, not at the top: only a configured, used S3 tier pays for it
+
+        from ..aws_clients import client
 
         config = Config(
             connect_timeout=self.connect_timeout_s,
@@ -119,9 +121,7 @@ class S3Tier:
             retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
             max_pool_connections=self.workers,
         )
-        # A session per tier: boto3's default session is not thread-safe to create clients from.
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                                              config=config)
+        return client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def prepare(self) -> None:
         """Create the client and the thread pool now (e.g. during Lambda init) instead of at first use."""
@@ -137,7 +137,7 @@ class S3Tier:
         return self._client, self._pool
 
     def renew(self) -> bool:
-        """Replace the boto3 client, and with it its connection pool; True when there was one to replace.
+        """Replace the S3 client, and with it its connection pool; True when there was one to replace.
 
         For a SnapStart restore (:mod:`clip_serverless.aws_lambda.snapstart`): the client created at init holds pooled
         connections the peer closed long ago, shared by every environment restored from the snapshot. The
@@ -164,7 +164,7 @@ class S3Tier:
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, created on first access."""
+        """The botocore S3 client, created on first access."""
         return self._ensure_ready()[0]
 
     def object_key(self, key: str) -> str:
@@ -266,7 +266,7 @@ class S3Tier:
         causes: Counter[str] = Counter()
         try:
             client, pool = self._ensure_ready()
-        except Exception as exc:  # boto3 missing, bad endpoint URL, no region...
+        except Exception as exc:  # botocore missing, bad endpoint URL, no region...
             _, cause = describe_error(exc, operation)
             breaker.record_failure(cause)
             causes[f"client: {cause}"] += len(entries)

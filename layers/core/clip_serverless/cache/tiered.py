@@ -173,7 +173,7 @@ class EmbeddingCache:
 
     # -- life cycle --------------------------------------------------------------------------------
     def preload(self, modalities: Iterable[Modality] = ("image", "text")) -> None:
-        """Create clients now (Lambda init: boto3 and the S3 client), for the tiers serving these modalities."""
+        """Create clients now (Lambda init: botocore and the S3 client), for the tiers serving these modalities."""
         wanted = tuple(modalities)
         for tier in self.tiers:
             if any(tier.policy.get(m) is not None for m in wanted):
