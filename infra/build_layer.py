@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ DEFAULT_MODEL_SRC = REPO / "models" / "clip-tiny"
 # The local server's banner names the export command; the build warning quotes the same text.
 LOCAL_SERVER = CORE_SRC / "api" / "local.py"
 RECORD_DIR = "clip-build"  # <layer>/clip-build/<kind>.json: what the layer was built from
+VERSION_MODULE = "_version.py"  # written into the core layer's package (api/app.py reads it)
 LAMBDA_PYTHON = (3, 12)
 # Where Lambda extracts layers: tracebacks in precompiled modules name these paths.
 OPT_PYTHON = "/opt/python"
@@ -300,9 +302,24 @@ def build_deps(requirements_file: Path, out: Path, arch: str, python: str,
     return out / "python"
 
 
+def project_version(pyproject: Path = REPO / "pyproject.toml") -> str | None:
+    """``[project] version`` of pyproject.toml, or None where it cannot be read."""
+    try:
+        version = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return None
+    return str(version)
+
+
 def build_core(out: Path, python: str, src: Path = CORE_SRC) -> Path:
     dest = out / "python" / src.name
-    copy_tree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_tree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", VERSION_MODULE))
+    # The package's version as a module: a layer has no distribution metadata to read it from.
+    version = project_version()
+    if version is None:
+        say(f"build_layer: {REPO / 'pyproject.toml'} has no readable version; the layer reports api/app.py's default")
+    else:
+        (dest / VERSION_MODULE).write_text(f'VERSION = "{version}"\n', encoding="utf-8")
     precompile(out / "python", python)
     write_record(out, "core", {"python": ".".join(map(str, LAMBDA_PYTHON))})
     return dest

@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def samcli(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = base / "source"
     (source / "infra").mkdir(parents=True)
     shutil.copy(REPO / "infra" / "build_layer.py", source / "infra" / "build_layer.py")
+    shutil.copy(REPO / "pyproject.toml", source / "pyproject.toml")  # the version the core layer records
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in sorted(set(MAKEFILE_LAYERS.values())):
         shutil.copytree(REPO / folder, source / folder, ignore=ignore)
@@ -135,6 +137,10 @@ def test_core_layer(samcli: Path, build_env: dict[str, str]) -> None:
     assert (package / "engine" / "model_dir.py").exists()
     assert (package / "engine" / "__pycache__" / "model_dir.cpython-312.pyc").exists()
     assert record(artifacts, "core")["python"] == "3.12"
+    # The version as a module (api/app.py reads it: a layer has no distribution metadata).
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert (package / "_version.py").read_text() == f'VERSION = "{version}"\n'
+    assert (package / "__pycache__" / "_version.cpython-312.pyc").exists()
 
 
 @pytest.mark.parametrize(("logical_id", "files", "absent"), [

@@ -27,6 +27,7 @@ from .types import Float32Array, Int64Array, Tower
 if TYPE_CHECKING:
     from .cache.tiered import EmbeddingCache
     from .engine.tokenizer import ClipTokenizer
+    from .settings import Settings
 
 
 class TextTower(Protocol):
@@ -62,7 +63,7 @@ class ClipService:
     def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
                  truncate_text: bool = True, engine: EngineSettings | None = None,
                  text_tower: TextTower | None = None) -> None:
-        """``engine``: threads and the image size limit (default: :class:`EngineSettings`' defaults)."""
+        """``engine``: the sessions' tuning and the image size limit (default: :class:`EngineSettings`')."""
         engine = engine if engine is not None else EngineSettings()
         self.model_dir = model_dir
         self.manifest = model_dir.manifest
@@ -70,18 +71,39 @@ class ClipService:
         self.text_batch_size = text_batch_size
         self.truncate_text = truncate_text
         self.max_image_pixels = engine.max_image_pixels
-        self.image_encoder = ImageEncoder(model_dir, threads=engine.threads)
+        self.image_encoder = ImageEncoder(model_dir, tuning=engine.tuning)
         # The text tower runs here, or (compare on Lambda) in the embed_text function; the tokenizer, and
         # with it the cache keys, stays here either way.
         self.text_encoder: TextTower = (text_tower if text_tower is not None
-                                        else TextEncoder(model_dir, threads=engine.threads))
+                                        else TextEncoder(model_dir, tuning=engine.tuning))
         self.text_is_remote = text_tower is not None
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: EngineSettings | None = None) -> ClipService:
+        """The service ``settings`` describe: model directory opened and validated, cache, text tower (another
+        function's when ``settings.text_function`` names one). ``engine`` replaces ``settings.engine``."""
+        from .cache import from_config as cache_from_config
+
+        model_dir = ModelDir.open(settings.model_dir)
+        cache = cache_from_config(model_dir.manifest, settings.cache)  # None when the cache is off
+        text_tower = None
+        if settings.text_function is not None:
+            from .aws_lambda.tower_function import TextFunctionEncoder
+
+            text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
+                                             timeout_s=settings.text_function.timeout_s)
+        return cls(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
+                   truncate_text=settings.truncate_text, engine=engine or settings.engine, text_tower=text_tower)
+
     # -- loading -----------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> ClipTokenizer:
+        return self._tokenizer if self._tokenizer is not None else self.load_tokenizer()
+
+    def load_tokenizer(self) -> ClipTokenizer:
+        """The tokenizer, loaded now if it was not (thread-safe)."""
         if self._tokenizer is None:
             with self._lock:
                 if self._tokenizer is None:
@@ -92,32 +114,32 @@ class ClipService:
         return self._tokenizer
 
     def preload(self, towers: Sequence[Tower]) -> None:
-        """Load towers now (Lambda init) instead of at the first request.
+        """Load towers now (Lambda init) instead of at the first request; see :meth:`start_preload`."""
+        self.start_preload(towers).wait()
 
-        With both asked for, the text side (tokenizer, session or client) loads in a thread beside the
-        image session: ONNX Runtime releases the GIL while it builds a session.
+    def start_preload(self, towers: Sequence[Tower]) -> Preload:
+        """Start loading ``towers`` in background threads and return at once; :meth:`Preload.wait` joins them.
+
+        Each session is created and run once (:meth:`~clip_serverless.engine.encoder.ImageEncoder.warm_up`) in a
+        thread of its own: ONNX Runtime releases the GIL meanwhile, so the caller imports and builds the rest
+        of the app on the other vCPU. The tokenizer (or another function's client for the text tower) loads
+        in a third thread; it holds the GIL, as the caller's imports do.
         """
-        failed: list[BaseException] = []
+        jobs: list[tuple[str, Callable[[], object]]] = []
+        if "visual" in towers or ("textual" in towers and isinstance(self.text_encoder, TextEncoder)):
+            import onnxruntime  # noqa: F401  (here, not in two threads at once: imports that race can deadlock)
+        if "visual" in towers:
+            def visual() -> None:
+                self.image_encoder.warm_up()
+                from .engine import preprocessing  # noqa: F401  (Pillow's import cost belongs to init too)
 
-        def load_text() -> None:
-            try:
-                _ = self.tokenizer
-                self.text_encoder.load()
-            except BaseException as exc:  # re-raised below, in the caller's thread
-                failed.append(exc)
-
-        text = threading.Thread(target=load_text, name="preload-text") if "textual" in towers else None
-        if text is not None:
-            text.start()
-        try:
-            if "visual" in towers:
-                self.image_encoder.load()
-                from .engine import preprocessing  # noqa: F401  (import cost belongs to init too)
-        finally:
-            if text is not None:
-                text.join()
-        if failed:
-            raise failed[0]
+            jobs.append(("preload-visual", visual))
+        if "textual" in towers:
+            text = self.text_encoder
+            jobs.append(("preload-textual", text.warm_up) if isinstance(text, TextEncoder)
+                        else ("preload-text-client", text.load))
+            jobs.append(("preload-tokenizer", self.load_tokenizer))
+        return Preload(jobs)
 
     def loaded_towers(self) -> list[str]:
         """The towers loaded in this process (another function's text tower is not one of them)."""
@@ -165,3 +187,27 @@ class ClipService:
                 use_cache: bool) -> tuple[Float32Array, CacheStats]:
         # One path with or without a cache (none configured, or the request's Cache-Control: no-cache).
         return embed_payloads(self.cache, modality, payloads, compute, use_cache=use_cache)
+
+
+class Preload:
+    """Loading jobs running in daemon threads (:meth:`ClipService.start_preload`)."""
+
+    def __init__(self, jobs: Sequence[tuple[str, Callable[[], object]]]) -> None:
+        self._failures: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._run, args=(job,), name=name, daemon=True)
+                         for name, job in jobs]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # re-raised by wait(), in the caller's thread
+            self._failures.append(exc)
+
+    def wait(self) -> None:
+        """Join every job; raise the first failure."""
+        for thread in self._threads:
+            thread.join()
+        if self._failures:
+            raise self._failures[0]

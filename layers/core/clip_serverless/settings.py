@@ -156,11 +156,15 @@ class LambdaSettings:
     # CLIP_PRELOAD: the towers to load at init, among the function's own (None: all of them; (): none).
     preload: tuple[Tower, ...] | None = None
     base_path: str = "/"  # CLIP_BASE_PATH: an API Gateway stage or mapping prefix Mangum strips from paths
+    # In a Lambda execution environment (the runtime sets AWS_LAMBDA_FUNCTION_NAME; so do the local runners),
+    # where this process is the function's own: its entry may change process-wide state (entry.skip_pydantic_v1).
+    in_lambda: bool = False
 
     @classmethod
     def from_env(cls, environ: Environ | None = None) -> LambdaSettings:
         return cls(preload=_towers("CLIP_PRELOAD", environ),
-                   base_path=env_str("CLIP_BASE_PATH", "/", environ) or "/")
+                   base_path=env_str("CLIP_BASE_PATH", "/", environ) or "/",
+                   in_lambda=bool(env_str("AWS_LAMBDA_FUNCTION_NAME", None, environ)))
 
 
 def _towers(name: str, environ: Environ | None) -> tuple[Tower, ...] | None:

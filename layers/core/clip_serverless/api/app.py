@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import logging
 import uuid
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..service import ClipService, ModelDir
+from ..service import ClipService
 from ..settings import Settings
 from .endpoints import endpoint
 from .errors import error_response, install_error_handlers
 from .openai_routes import OpenAIRoutes
 from .routes import ENDPOINTS, ClipRoutes, Endpoint
 
-try:
-    VERSION = version("clip-serverless")
-except PackageNotFoundError:  # deployed as a layer, not as an installed distribution
-    VERSION = "0.1.0"
+
+def package_version() -> str:
+    """The version the core layer's build wrote (``infra/build_layer.py``), else the installed distribution's.
+
+    A layer holds no distribution metadata, and looking for it costs importlib.metadata's import (~10 ms of a
+    cold start) to find nothing."""
+    try:
+        from .._version import VERSION as built  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # a source checkout or an installed distribution
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("clip-serverless")
+        except PackageNotFoundError:
+            return "0.1.0"
+    return str(built)
+
+
+VERSION = package_version()
 
 _INSTANCE = str(uuid.uuid4())
 
@@ -133,20 +147,10 @@ def create_app(service: ClipService, settings: Settings, endpoints: tuple[Endpoi
     return app
 
 
-def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> FastAPI:
+def build(settings: Settings | None = None, endpoints: tuple[Endpoint, ...] = ENDPOINTS, *,
+          service: ClipService | None = None) -> FastAPI:
     """The app for ``endpoints``, every part configured from ``settings`` (default: the environment, read now):
-    model directory opened and validated, service (engine, cache, text tower) built, routes bound."""
+    model directory opened and validated, service (engine, cache, text tower) built, routes bound. A Lambda
+    function passes its ``service``, built and loading before FastAPI is even imported (``entry.py``)."""
     settings = settings or Settings.from_env()
-    model_dir = ModelDir.open(settings.model_dir)
-    from ..cache import from_config as cache_from_config
-
-    cache = cache_from_config(model_dir.manifest, settings.cache)  # None when the cache is off
-    text_tower = None
-    if settings.text_function is not None:
-        from ..aws_lambda.tower_function import TextFunctionEncoder
-
-        text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
-                                         timeout_s=settings.text_function.timeout_s)
-    service = ClipService(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
-                          truncate_text=settings.truncate_text, engine=settings.engine, text_tower=text_tower)
-    return create_app(service, settings, endpoints)
+    return create_app(service or ClipService.from_settings(settings), settings, endpoints)

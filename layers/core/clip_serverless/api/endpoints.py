@@ -20,25 +20,15 @@ the function and its log group in both templates, and an example body in ``event
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
-
+from ..engine import SessionTuning
 from ..types import Modality, Tower
-from .schemas import (
-    ClipCompareRequest,
-    ClipCompareResponse,
-    ClipEmbeddingResponse,
-    ClipImageEmbeddingRequest,
-    ClipTextEmbeddingRequest,
-    OpenAIEmbeddingRequest,
-    OpenAIEmbeddingResponse,
-    OpenAIModelList,
-)
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+    from pydantic import BaseModel
 
 Method = Literal["GET", "POST"]
 # The wire format of an endpoint: Roboflow Inference's (errors {"message"}; handlers on ClipRoutes) or
@@ -58,10 +48,28 @@ class Route:
     method: Method
     path: str
     handler: str  # the method of the API's routes object (ClipRoutes, OpenAIRoutes) that answers
-    request: type[BaseModel] | None  # the JSON body (None: no body)
-    response: type[BaseModel]
+    # The JSON body (None: no body) and the answer: models of api/schemas.py, by name. The registry is read at
+    # Lambda init before pydantic is imported (entry.py starts loading the model first), so the models are too.
+    request_model: str | None
+    response_model: str
     summary: str
     description: str = ""
+
+    @property
+    def request(self) -> type[BaseModel] | None:
+        return None if self.request_model is None else schema(self.request_model)
+
+    @property
+    def response(self) -> type[BaseModel]:
+        return schema(self.response_model)
+
+
+def schema(name: str) -> type[BaseModel]:
+    """The model ``name`` of ``api/schemas.py`` (imported now if it was not)."""
+    from . import schemas
+
+    model: type[BaseModel] = getattr(schemas, name)
+    return model
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,9 @@ class EndpointSpec:
     invokes: Invoked | None = None  # the other modality's vectors, from another function
     lends: Tower | None = None  # the tower whose vectors it gives other functions' direct invocations
     site: bool = False  # on API Gateway, also GET /, /healthz and /info
+    # How its function's ONNX Runtime sessions run, unless CLIP_NUM_THREADS / CLIP_ORT_* say otherwise
+    # (chosen from bench/bench_engine_settings.py at Lambda's CPU share).
+    engine: SessionTuning = field(default_factory=SessionTuning)
 
     @property
     def preload(self) -> tuple[Tower, ...]:
@@ -110,28 +121,28 @@ REGISTRY: tuple[EndpointSpec, ...] = (
     EndpointSpec(
         name="embed_image", function="EmbedImageFunction", api="roboflow",
         summary="CLIP image embeddings (Roboflow Inference's API); image vectors for other functions",
-        routes=(Route("POST", "/clip/embed_image", "embed_image", ClipImageEmbeddingRequest, ClipEmbeddingResponse,
+        routes=(Route("POST", "/clip/embed_image", "embed_image", "ClipImageEmbeddingRequest", "ClipEmbeddingResponse",
                       "CLIP Image Embeddings", "Run the OpenAI CLIP model to embed image data."),),
         towers=("visual",), cache=("image",), lends="visual"),
     EndpointSpec(
         name="embed_text", function="EmbedTextFunction", api="roboflow",
         summary="CLIP text embeddings (Roboflow Inference's API); text vectors for other functions",
-        routes=(Route("POST", "/clip/embed_text", "embed_text", ClipTextEmbeddingRequest, ClipEmbeddingResponse,
+        routes=(Route("POST", "/clip/embed_text", "embed_text", "ClipTextEmbeddingRequest", "ClipEmbeddingResponse",
                       "CLIP Text Embeddings", "Run the OpenAI CLIP model to embed text data."),),
         towers=("textual",), cache=("text",), lends="textual", site=True),
     EndpointSpec(
         name="compare", function="CompareFunction", api="roboflow",
         summary="CLIP similarity of a subject and prompts (Roboflow Inference's API)",
-        routes=(Route("POST", "/clip/compare", "compare", ClipCompareRequest, ClipCompareResponse,
+        routes=(Route("POST", "/clip/compare", "compare", "ClipCompareRequest", "ClipCompareResponse",
                       "CLIP Compare", "Run the OpenAI CLIP model to compute similarity scores."),),
         towers=("visual",), cache=("image", "text"), invokes=Invoked("textual", "embed_text")),
     EndpointSpec(
         name="embeddings", function="EmbeddingsFunction", api="openai",
         summary="OpenAI's embeddings API: text, and images with \"modality\": \"image\"",
-        routes=(Route("POST", "/v1/embeddings", "embeddings", OpenAIEmbeddingRequest, OpenAIEmbeddingResponse,
+        routes=(Route("POST", "/v1/embeddings", "embeddings", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse",
                       "Embeddings (OpenAI's API)",
                       "L2-normalised CLIP embeddings of texts, or of images with `\"modality\": \"image\"`."),
-                Route("GET", "/v1/models", "models", None, OpenAIModelList, "Models (OpenAI's API)",
+                Route("GET", "/v1/models", "models", None, "OpenAIModelList", "Models (OpenAI's API)",
                       "The model this deployment serves.")),
         towers=("textual",), cache=("text",), invokes=Invoked("visual", "embed_image")),
 )

@@ -2,25 +2,28 @@
 
 Module level in the function's ``app.py`` runs once per container, so the model loads at init (where
 SnapStart can snapshot it), never per request.
+
+Init is ordered for its two vCPUs (Lambda gives init full CPU): the ONNX Runtime sessions start loading in
+background threads first (they release the GIL), and only then are FastAPI, pydantic and Mangum imported
+and the app built, on the other vCPU (``bench/bench_cold_start.py``; ``python -X importtime`` shows what
+each import costs). Nothing here imports FastAPI at module level.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mangum import Mangum
-
-from ..api.app import build
 from ..api.endpoints import REGISTRY
 from ..api.endpoints import endpoint as endpoint_spec
-from ..api.routes import Endpoint
 from ..service import ClipService
 from ..settings import Settings
 from ..types import Tower
 from . import snapstart, tower_function
-from .after_response import after_response, install
-from .metrics import emf_observer
+
+if TYPE_CHECKING:
+    from ..api.endpoints import EndpointName as Endpoint
 
 # What each endpoint loads at init (where SnapStart snapshots it), from its registry entry: each function
 # loads exactly one tower. compare's "textual" is its tokenizer and the Lambda client of the embed_text
@@ -37,13 +40,40 @@ def preload_for(endpoint: Endpoint, requested: tuple[Tower, ...] | None = None) 
     return tuple(t for t in PRELOAD[endpoint] if t in requested)
 
 
+# GET /healthz (every app answers it) through Mangum and the app once at init: what a first request sets up
+# lazily (Mangum's event loop, anyio's backend, FastAPI's response serialisation) is done while Lambda gives
+# init its full CPU, and before a SnapStart snapshot.
+WARM_UP_EVENT: dict[str, Any] = {
+    "version": "2.0", "routeKey": "$default", "rawPath": "/healthz", "rawQueryString": "", "headers": {},
+    "requestContext": {"http": {"method": "GET", "path": "/healthz", "protocol": "HTTP/1.1",
+                                "sourceIp": "127.0.0.1", "userAgent": "clip-serverless-init"},
+                       "requestId": "init", "stage": "$default"},
+    "isBase64Encoded": False,
+}
+
+
+def skip_pydantic_v1() -> None:
+    """Keep ``pydantic.v1`` (~20 ms of import) out of a function: FastAPI imports it as it registers each route,
+    only to refuse pydantic v1 models, of which this package has none, and takes an ImportError for "no v1"
+    (``fastapi/_compat/shared.py``). A ``None`` in ``sys.modules`` makes that import fail at once."""
+    sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
+
+
 def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     spec = endpoint_spec(endpoint)  # a KeyError naming the registry's endpoints for any other name
     settings = Settings.from_env()
-    app = build(settings, endpoints=(endpoint,))
-    service = app.state.service
+    service = ClipService.from_settings(settings, engine=settings.engine.with_defaults(spec.engine))
     towers = preload_for(endpoint, settings.aws_lambda.preload)
-    service.preload(towers)
+    loading = service.start_preload(towers)  # sessions load in threads while FastAPI imports below
+    if settings.aws_lambda.in_lambda:  # not in a test process that runs a function's module beside other code
+        skip_pydantic_v1()
+    from mangum import Mangum
+
+    from ..api.app import build
+    from .after_response import after_response, install
+    from .metrics import emf_observer
+
+    app = build(settings, endpoints=(endpoint,), service=service)
     for remote in app.state.remote_towers if towers else ():  # other functions' towers: their Lambda clients
         remote.load()
     if service.cache is not None:
@@ -56,11 +86,13 @@ def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
         app, lifespan="off", api_gateway_base_path=settings.aws_lambda.base_path)
+    handler(WARM_UP_EVENT, None)
     if spec.lends is not None:  # other functions' direct invocations for this tower's vectors
         handler = ServingTower(app, handler, service, spec.lends, max_images=settings.max_batch_size)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
     snapstart.install(settings=settings, service=service,
                       renew=[remote.renew for remote in app.state.remote_towers])
+    loading.wait()
     if service.cache is not None and install(service.cache):  # Lambda: remote writes after the response
         return after_response(handler)
     return handler

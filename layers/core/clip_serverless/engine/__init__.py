@@ -7,7 +7,7 @@ a library caller uses the defaults below; the services get them from ``clip_serv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 # The one default for the image size limit (CLIP_MAX_IMAGE_PIXELS): larger images are refused from their
 # header, before any pixel is decoded. 64 MP is more than any phone camera's default output (12-50 MP), and
@@ -19,11 +19,39 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """How the engine runs: ONNX Runtime threads per session, and the largest image it decodes."""
+class SessionTuning:
+    """How ONNX Runtime runs a session: threads, spin-waiting, memory planning.
 
-    threads: int | None = None  # intra-op threads per session; None: the vCPUs this process may run on
+    ``None`` leaves a knob to whoever knows the deployment better (:meth:`EngineSettings.with_defaults`: a
+    Lambda function's registry entry); what is still ``None`` when a session is made gets the engine's own
+    default: every vCPU this process may run on, no spinning, arena and memory patterns on (ONNX Runtime's).
+    """
+
+    threads: int | None = None  # intra-op threads per session
+    # Intra-op workers spin-wait between the ops of a run instead of sleeping: faster alone, but they burn
+    # CPU that other threads (a second session, a request's decoding) and Lambda's CPU quota need.
+    spinning: bool | None = None
+    cpu_mem_arena: bool | None = None  # ORT's arena allocator: memory kept between runs
+    mem_pattern: bool | None = None  # ORT plans each input shape's allocations once, then reuses the plan
+
+
+@dataclass(frozen=True)
+class EngineSettings(SessionTuning):
+    """How the engine runs: its sessions' :class:`SessionTuning`, and the largest image it decodes."""
+
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def with_defaults(self, defaults: SessionTuning) -> EngineSettings:
+        """These settings, with each knob that is ``None`` here taken from ``defaults``."""
+        return replace(self, **{name: getattr(defaults, name) for name in TUNING_FIELDS
+                                if getattr(self, name) is None})
+
+    @property
+    def tuning(self) -> SessionTuning:
+        return SessionTuning(**{name: getattr(self, name) for name in TUNING_FIELDS})
+
+
+TUNING_FIELDS = tuple(f.name for f in fields(SessionTuning))
 
 
 class ImageDecodeError(ValueError):

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from ..types import Float32Array, Int64Array
+from . import SessionTuning
 from .model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir, ModelDirError
+from .tokenizer import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -28,21 +31,34 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def create_session(path: str, threads: int) -> ort.InferenceSession:
+def session_options(tuning: SessionTuning) -> ort.SessionOptions:
+    """ONNX Runtime's options for ``tuning``; each knob left ``None`` gets the engine's default."""
     import onnxruntime as ort  # imported here so that importing this module stays cheap
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = tuning.threads if tuning.threads is not None else available_cpus()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers are noise in Lambda logs
-    # ORT's workers spin after each run. Alone that saves little (ViT-B/32 int8 image 18.4 vs 20.9 ms),
-    # but a second session (compare: image then text) or any other thread then fights the spinners:
-    # alternating two image sessions measured 89/47 ms with spinning vs 53/21 ms without.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Off unless asked for: alone spinning saves a few ms a run (ViT-B/32 int8 image 20.7 vs 24.2 ms), but
+    # a second session (the local server's) or any other thread then fights the spinners, and on Lambda they
+    # burn the function's CPU quota (bench/bench_engine_settings.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if tuning.spinning else "0")
+    options.enable_cpu_mem_arena = tuning.cpu_mem_arena is not False
+    options.enable_mem_pattern = tuning.mem_pattern is not False
+    return options
+
+
+def create_session(path: str, threads: int | None = None, tuning: SessionTuning | None = None) -> ort.InferenceSession:
+    """A CPU session for the graph at ``path``; ``threads`` (if given) overrides ``tuning.threads``."""
+    import onnxruntime as ort
+
+    tuning = tuning if tuning is not None else SessionTuning()
+    if threads is not None:
+        tuning = replace(tuning, threads=threads)
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, sess_options=session_options(tuning), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
         raise ModelDirError(f"{path}: ONNX Runtime could not load this graph: {exc}") from None
 
@@ -52,15 +68,22 @@ class _Tower:
 
     file_name: str
 
-    def __init__(self, model_dir: ModelDir, threads: int | None = None) -> None:
-        """``threads``: ONNX Runtime intra-op threads; None: every vCPU this process may run on."""
+    def __init__(self, model_dir: ModelDir, threads: int | None = None, *, tuning: SessionTuning | None = None) -> None:
+        """``threads``: ONNX Runtime intra-op threads (wins over ``tuning.threads``); None in both: every vCPU
+        this process may run on. ``tuning``: the session's other knobs (:class:`SessionTuning`)."""
         self.model_dir = model_dir
-        self.threads = threads if threads is not None else available_cpus()
+        tuning = tuning if tuning is not None else SessionTuning()
+        threads = threads if threads is not None else tuning.threads
+        self.tuning = replace(tuning, threads=threads if threads is not None else available_cpus())
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         # int8 dynamic quantisation picks activation scales per input tensor, so a row's result would
         # depend on its batch neighbours and on padding. Run such models one row at a time.
         self.per_row = model_dir.manifest.precision == "int8"
+
+    @property
+    def threads(self) -> int:
+        return self.tuning.threads or 1  # never None: set in __init__
 
     @property
     def loaded(self) -> bool:
@@ -71,12 +94,22 @@ class _Tower:
         if self._session is None:
             with self._lock:
                 if self._session is None:
-                    self._session = create_session(str(self.model_dir.file(self.file_name)), self.threads)
+                    self._session = create_session(str(self.model_dir.file(self.file_name)), tuning=self.tuning)
         return self._session
 
     def load(self) -> None:
         """Create the session now (at init) rather than at the first request."""
         _ = self.session
+
+    def warm_up(self) -> None:
+        """Load, then run the smallest input once: a session's first run allocates and initialises what
+        later runs reuse (ViT-B/32 int8: ~10 ms more than the next), so it belongs to init, not to a request.
+        ONNX Runtime releases the GIL meanwhile."""
+        feed_name, batch = self._smallest_input()
+        self.session.run(None, {feed_name: batch})
+
+    def _smallest_input(self) -> tuple[str, npt.NDArray[np.generic]]:
+        raise NotImplementedError
 
     def _run(self, feed_name: str, batch: npt.NDArray[np.generic]) -> Float32Array:
         session = self.session
@@ -99,6 +132,10 @@ class ImageEncoder(_Tower):
 
     file_name = VISUAL_FILE
 
+    def _smallest_input(self) -> tuple[str, npt.NDArray[np.generic]]:
+        size = self.model_dir.manifest.image_size
+        return "pixel_values", np.zeros((1, 3, size, size), dtype=np.float32)
+
     def encode(self, pixel_values: Float32Array, *, normalize: bool = False) -> Float32Array:
         size = self.model_dir.manifest.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
@@ -118,6 +155,9 @@ class TextEncoder(_Tower):
     """
 
     file_name = TEXTUAL_FILE
+
+    def _smallest_input(self) -> tuple[str, npt.NDArray[np.generic]]:
+        return "input_ids", np.array([[SOT_ID, EOT_ID]], dtype=np.int64)  # an empty caption
 
     def encode(self, ids: Int64Array, lengths: npt.NDArray[np.integer] | None = None, *,
                normalize: bool = False) -> Float32Array:
