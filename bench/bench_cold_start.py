@@ -1,12 +1,23 @@
 """Cold start of the built functions: process start to first response, int8 (zip) and fp32 (image layout).
 
-Each run starts a fresh python3.12 process under AWS's runtime client with the function's layers (or
-the container image's layout), queues one API Gateway event from events/, and stops the clock when the
-response is posted back. Baseline: a naive PyTorch + transformers handler doing the same job (import,
-``CLIPModel.from_pretrained`` on the same seeded ViT-B/32 weights, tokenizer, one embedding) in a
-fresh process of the dev venv.
+Each run starts a fresh python3.12 process with the function's layers (or the container image's layout),
+hands it one API Gateway event from events/, and stops the clock when the response comes back. Two ways
+of starting it (``--ways``):
+
+- ``runtime``: under AWS's runtime client (awslambdaric) against a local Runtime API, the event queued
+  before the start: what Lambda runs (the client's own import and its HTTP round trips included);
+- ``plain``: ``python3.12 -c`` that imports the handler module and calls it once: the function's own
+  init and first request, nothing else.
+
+Baseline: a naive PyTorch + transformers handler doing the same job (import, ``CLIPModel.from_pretrained``
+on the same seeded ViT-B/32 weights, tokenizer, one embedding) in a fresh process of the dev venv.
 
     .venv/bin/python bench/bench_cold_start.py [--runs 5] [--cpus 2] [--warm 20]
+    .venv/bin/python bench/bench_cold_start.py --runs 10 --skip-naive --no-fp32 --baseline 59d821e
+
+``--baseline REF`` also measures the ``clip_serverless`` package (core layer) and function code of the
+git commit REF on the same deps and model layers, interleaved with the current one run by run (before,
+after, before, after, ...), so both see the same machine load: the table gives both and the change.
 
 compare embeds its texts through embed_text (Lambda Invoke): its cold start is measured with one warm
 embed_text environment behind a local Invoke API (the usual case on AWS: embed_text serves every
@@ -21,24 +32,37 @@ layer files are read from the extracted package, which adds disk reads the figur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
 
+from build_layer import build_core  # noqa: E402
 from clip_serverless.api.endpoints import REGISTRY  # noqa: E402
 from clip_serverless.api.endpoints import endpoint as endpoint_spec  # noqa: E402
-from lambda_runtime import BuiltApp, LambdaService, LocalLambda, built_function, cold_start, find_python  # noqa: E402
+from lambda_runtime import (  # noqa: E402
+    BuiltApp,
+    FunctionSpec,
+    LambdaService,
+    LocalLambda,
+    built_function,
+    cold_start,
+    find_python,
+    plain_cold_start,
+)
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
 FP32 = REPO / "build" / "models" / "ViT-B-32-synthetic"
@@ -48,6 +72,7 @@ SAM = os.environ.get("CLIP_SAM") or str(REPO / ".venv-sam" / "bin" / "sam")
 # The naive PyTorch baseline knows the three Roboflow endpoints' bodies.
 NAIVE_ENDPOINTS = ("embed_text", "embed_image", "compare")
 NO_CACHE = {"CLIP_CACHE": "off"}
+WAYS: dict[str, Callable[..., tuple[float, Any]]] = {"runtime": cold_start, "plain": plain_cold_start}
 
 
 def sam_build(model: Path, python: str) -> BuiltApp:
@@ -64,20 +89,53 @@ def sam_build(model: Path, python: str) -> BuiltApp:
     return BuiltApp(out)
 
 
+def baseline_tree(ref: str, python: str) -> Path:
+    """``build/bench-cold-start/baseline-<sha>/``: the core layer (precompiled) and functions/ of commit ``ref``."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    root = BENCH / f"baseline-{sha[:12]}"
+    if (root / ".complete").exists():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", sha, "layers/core/clip_serverless", "functions"],
+                             cwd=REPO, check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as fh:
+        fh.write(archive)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh) as tar:
+            tar.extractall(root / "src", filter="data")
+    build_core(root / "core", python, src=root / "src" / "layers" / "core" / "clip_serverless")
+    (root / ".complete").write_text(sha + "\n")
+    return root
+
+
+def with_baseline(spec: FunctionSpec, built: BuiltApp, root: Path, endpoint: str) -> FunctionSpec:
+    """``spec`` with the baseline's core layer and function code in place of the current ones."""
+    core = built.layers["CoreLayer"].path
+    layers = tuple(root / "core" if layer == core else layer for layer in spec.layers)
+    return dataclasses.replace(spec, layers=layers, code=root / "src" / "functions" / endpoint)
+
+
 def event(endpoint: str) -> dict[str, Any]:
     return dict(json.loads((REPO / "events" / f"{endpoint}.http-api.json").read_text()))
 
 
-def median_cold(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None,
-                env: dict[str, str] | None = None) -> list[float]:
-    times = []
-    for _ in range(runs + 1):  # the first run warms the page cache and is dropped
-        with tempfile.TemporaryDirectory(prefix="cold-") as workdir:
-            seconds, response = cold_start(spec, event(endpoint), Path(workdir), python=python, cpus=cpus,
-                                           env={**NO_CACHE, **(env or {})})
-        assert response["statusCode"] == 200, response
-        times.append(seconds)
-    return times[1:]
+def cold_runs(variants: dict[str, FunctionSpec], endpoint: str, ways: list[str], runs: int, python: str,
+              cpus: int | None, env: dict[str, str] | None = None) -> dict[tuple[str, str], list[float]]:
+    """Seconds to the first response per (variant, way), the variants and ways interleaved run by run."""
+    times: dict[tuple[str, str], list[float]] = {(v, w): [] for v in variants for w in ways}
+    for run in range(runs + 1):  # the first round warms the page cache and is dropped
+        for variant, spec in variants.items():
+            for way in ways:
+                with tempfile.TemporaryDirectory(prefix="cold-") as workdir:
+                    seconds, response = WAYS[way](spec, event(endpoint), Path(workdir), python=python, cpus=cpus,
+                                                  env={**NO_CACHE, **(env or {})})
+                assert response["statusCode"] == 200, response
+                if run:
+                    times[variant, way].append(seconds)
+    return times
 
 
 def warm_times(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None,
@@ -144,23 +202,38 @@ def naive_cold(endpoint: str, runs: int, threads: int) -> list[float]:
     return times[1:]
 
 
+def cell(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cpus", type=int, default=None, help="pin each function to N cores")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the container image layout (fp32)")
+    parser.add_argument("--ways", default="runtime,plain", help="runtime, plain or both (see above)")
+    parser.add_argument("--functions", default=",".join(spec.name for spec in REGISTRY),
+                        help="endpoints to measure (default: all)")
+    parser.add_argument("--baseline", metavar="REF", help="also measure the core layer of git commit REF")
     parser.add_argument("--warm", type=int, default=0, help="also time N warm invocations per zip function")
     args = parser.parse_args()
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not ways or set(ways) - set(WAYS):
+        raise SystemExit(f"--ways: some of {', '.join(WAYS)}")
+    endpoints = [endpoint_spec(name.strip()).name for name in args.functions.split(",") if name.strip()]
     for model in (FP32, INT8):
         if not (model / "manifest.json").exists():
             raise SystemExit(f"{model} is missing: make models-b32")
     python = find_python()
     built = sam_build(INT8, python)
+    baseline = baseline_tree(args.baseline, python) if args.baseline else None
     dockerfile = Dockerfile.parse(REPO / "Dockerfile", {"MODEL_DIR": str(FP32.relative_to(REPO))})
     image_root = BENCH / "image-fp32"
-    if image_root.exists():  # assembled afresh (hard links: fast), so it never holds an older package
-        shutil.rmtree(image_root)
-    assemble(dockerfile, image_root, built.layers["DepsAllLayer"].path / "python")
+    if not args.no_fp32:
+        if image_root.exists():  # assembled afresh (hard links: fast), so it never holds an older package
+            shutil.rmtree(image_root)
+        assemble(dockerfile, image_root, built.layers["DepsAllLayer"].path / "python")
     threads = args.cpus or len(os.sched_getaffinity(0))
     # The functions that others invoke for one modality (compare -> embed_text, embeddings -> embed_image):
     # one environment each, started (and warmed) before the runs, as on AWS where they serve their own routes.
@@ -172,37 +245,51 @@ def main() -> None:
         pool.all[0].invoke_json(event(lender))
     invoke_env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
     rows, warm = [], {}
-    for entry in REGISTRY:
-        endpoint_name, name = entry.name, entry.function
-        spec = built_function(built, name, resources={"CacheBucket": ""})
-        int8 = median_cold(spec, endpoint_name, args.runs, python, args.cpus, invoke_env)
-        if args.warm:
-            warm[endpoint_name] = warm_times(spec, endpoint_name, args.warm, python, args.cpus, invoke_env)
-        command = f"functions/{endpoint_name}/app.handler"
-        fp32 = median_cold(image_function(dockerfile, image_root, name, command=command),
-                           endpoint_name, args.runs, python, args.cpus)
-        naive = [] if args.skip_naive or endpoint_name not in NAIVE_ENDPOINTS else naive_cold(endpoint_name,
-                                                                                               args.runs, threads)
-        size = built.functions[name].unzipped_bytes() / 2**20
-        rows.append((endpoint_name, int8, fp32, naive, size))
-        print(f"{endpoint_name}: int8 {statistics.median(int8):.3f} s, fp32 {statistics.median(fp32):.3f} s"
-              + (f", naive PyTorch {statistics.median(naive):.3f} s" if naive else ""), file=sys.stderr)
+    try:
+        for endpoint_name in endpoints:
+            name = endpoint_spec(endpoint_name).function
+            spec = built_function(built, name, resources={"CacheBucket": ""})
+            variants = {"now": spec}
+            if baseline is not None:
+                variants = {"baseline": with_baseline(spec, built, baseline, endpoint_name), "now": spec}
+            int8 = cold_runs(variants, endpoint_name, ways, args.runs, python, args.cpus, invoke_env)
+            if args.warm:
+                warm[endpoint_name] = warm_times(spec, endpoint_name, args.warm, python, args.cpus, invoke_env)
+            command = f"functions/{endpoint_name}/app.handler"
+            fp32 = [] if args.no_fp32 else cold_runs(
+                {"now": image_function(dockerfile, image_root, name, command=command)}, endpoint_name,
+                ["runtime"], args.runs, python, args.cpus)["now", "runtime"]
+            naive = [] if args.skip_naive or endpoint_name not in NAIVE_ENDPOINTS else naive_cold(endpoint_name,
+                                                                                                   args.runs, threads)
+            size = built.functions[name].unzipped_bytes() / 2**20
+            rows.append((endpoint_name, int8, fp32, naive, size))
+            print(f"{endpoint_name}: " + ", ".join(f"{v} {w} {statistics.median(xs):.3f} s"
+                                                  for (v, w), xs in int8.items()), file=sys.stderr)
+    finally:
+        service.close()
     print(f"\nCold start, process start to first response (median of {args.runs}; min-max), "
           f"{threads} core(s), load average {os.getloadavg()[0]:.1f}:\n")
-    print("| function | zip, int8 | image layout, fp32 | naive PyTorch + transformers, fp32 | zip size (MiB) |")
-    print("|---|---|---|---|---|")
+    columns = [(v, w) for v in (["baseline", "now"] if baseline else ["now"]) for w in ways]
+    label = {"baseline": f"{args.baseline}, ", "now": ""}
+    head = [f"zip int8, {label[v]}{w}" for v, w in columns]
+    if baseline:
+        head += [f"change, {w}" for w in ways]
+    head += ["image layout fp32, runtime", "naive PyTorch + transformers, fp32", "zip size (MiB)"]
+    print("| function | " + " | ".join(head) + " |")
+    print("|---" * (len(head) + 1) + "|")
     for endpoint, int8, fp32, naive, size in rows:
-        def cell(xs: list[float]) -> str:
-            return f"{statistics.median(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
-
-        print(f"| {endpoint} | {cell(int8)} | {cell(fp32)} | {cell(naive)} | {size:.0f} |")
+        cells = [cell(int8[key]) for key in columns]
+        if baseline:
+            cells += [f"{statistics.median(int8['now', w]) - statistics.median(int8['baseline', w]):+.2f} s"
+                      for w in ways]
+        cells += [cell(fp32), cell(naive), f"{size:.0f}"]
+        print(f"| {endpoint} | " + " | ".join(cells) + " |")
     if warm:
         print(f"\nWarm invocations, zip int8 (median of {args.warm}; p10-p90), cache off:\n")
         print("| function | warm |\n|---|---|")
         for endpoint, xs in warm.items():
             qs = statistics.quantiles(xs, n=10)
             print(f"| {endpoint} | {1000 * statistics.median(xs):.1f} ms ({1000 * qs[0]:.1f}-{1000 * qs[-1]:.1f}) |")
-    service.close()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from lambda_runtime import (  # noqa: E402
     LocalLambdaError,
     built_function,
     find_python,
+    plain_cold_start,
 )
 from lambda_runtime.image_layout import Dockerfile, assemble, image_function  # noqa: E402
 
@@ -236,6 +237,50 @@ def test_built_function_answers_like_the_app(functions: dict[str, LocalLambda], 
     else:
         for a, b in zip(got[key], want[key], strict=True):
             assert len(a) == len(b) and a == pytest.approx(b, abs=tolerance)
+
+
+# What a function imports at init, probed in a plain python3.12 over its layout (PYTHONDONTWRITEBYTECODE: as on
+# Lambda, where /opt is read-only, a module without a shipped .pyc is compiled at every cold start).
+INIT_PROBE = """
+import importlib, importlib.util, json, os, sys
+opt = sys.argv[1]
+importlib.import_module("app")
+files = {name: getattr(module, "__file__", None) or "" for name, module in list(sys.modules.items())}
+print(json.dumps({
+    "without_pyc": sorted(name for name, f in files.items() if f.startswith(opt) and f.endswith(".py")
+                          and not os.path.exists(importlib.util.cache_from_source(f))),
+    "modules": sorted(name for name, module in sys.modules.items() if module is not None),
+}))
+"""
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_a_function_imports_only_precompiled_modules_and_no_boto3_at_init(built: BuiltApp, moto_endpoint: str,
+                                                                          lambda_python: str, tmp_path: Path,
+                                                                          name: str) -> None:
+    spec = built_function(built, FUNCTIONS[name], resources={"CacheBucket": BUCKET}, parameters={"CachePrefix": PREFIX})
+    fn = LocalLambda(spec, tmp_path, python=lambda_python, env={"CLIP_CACHE_S3_ENDPOINT_URL": moto_endpoint})
+    try:
+        env = {**fn.prepare(), "PYTHONDONTWRITEBYTECODE": "1"}
+    finally:
+        fn.stop()
+    done = subprocess.run([lambda_python, "-c", INIT_PROBE, str(tmp_path / "opt")], cwd=spec.code, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["without_pyc"] == []
+    modules = set(probe["modules"])
+    assert "boto3" not in modules  # botocore alone (clip_serverless.aws_clients), where a client is needed
+    assert "pydantic.v1" not in modules  # FastAPI's check for v1 models, skipped (entry.skip_pydantic_v1)
+    assert {"clip_serverless.api.app", "fastapi", "mangum"} <= modules  # FastAPI and Mangum still serve
+
+
+def test_the_plain_runner_answers_as_the_runtime_client(built: BuiltApp, lambda_python: str, tmp_path: Path) -> None:
+    spec = built_function(built, FUNCTIONS["embed_text"], resources={"CacheBucket": ""})
+    seconds, response = plain_cold_start(spec, event("embed_text.http-api"), tmp_path / "plain",
+                                         python=lambda_python, env={"CLIP_CACHE": "off"})
+    assert response["statusCode"] == 200 and len(body_of(response)["embeddings"]) == 2
+    assert 0 < seconds < 60
 
 
 def test_health_route_names_the_model_and_the_loaded_tower(functions: dict[str, LocalLambda]) -> None:
@@ -492,3 +537,31 @@ def test_api_key_resolution_order_and_stores(monkeypatch: pytest.MonkeyPatch) ->
             resolve_api_key({"CLIP_API_KEY_SSM_PARAMETER": "/absent"})
         with pytest.raises(ApiKeyUnavailable, match="not both"):
             resolve_api_key({"CLIP_API_KEY_SSM_PARAMETER": "/k", "CLIP_API_KEY_SECRET_ID": "k"})
+
+
+# ---- bulk embedding's functions, built (README: Bulk embedding) -----------------------------------
+def test_built_bulk_functions_plan_and_embed_a_shard_under_python312(built: BuiltApp, moto_endpoint: str,
+                                                                     lambda_python: str, tmp_path: Path) -> None:
+    """The job function runs on the core layer alone (no numpy); the image one on embed_image's layers."""
+    import boto3
+
+    from tests.test_bulk_job import image_bytes
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="built-bulk")
+    for i in range(3):
+        s3.put_object(Bucket="built-bulk", Key=f"photos/{i}.png", Body=image_bytes(i))
+    params = {"BulkSourceBucket": "built-bulk", "BulkSourcePrefix": "photos/", "BulkDestinationBucket": "built-bulk",
+              "BulkDestinationPrefix": "out/", "CachePrefix": PREFIX}
+    env = {"AWS_ENDPOINT_URL_S3": moto_endpoint}
+    job = {"src": "s3://built-bulk/photos/", "dst": "s3://built-bulk/out/run/", "batch_size": 2}
+    with LocalLambda(built_function(built, "BulkJobFunction", resources={"CacheBucket": BUCKET}, parameters=params),
+                     tmp_path / "job", python=lambda_python, env=env) as fn:
+        planned = fn.invoke({"step": "plan", "input": {"job": job}}).json()
+    assert planned["plan"]["listed"] == 3 and planned["job"]["src"] == job["src"]
+    with LocalLambda(built_function(built, "BulkEmbedImageFunction", resources={"CacheBucket": BUCKET},
+                                    parameters=params), tmp_path / "img", python=lambda_python, env=env) as fn:
+        shard = fn.invoke({"shard": "000000", "batch": "out/run/_plan/batches/000000.jsonl", "count": 2,
+                           "job": planned["job"]}).json()
+    assert shard == {"shard": "000000", "skipped": False, "embedded": 2, "errors": 0}
+    assert s3.head_object(Bucket="built-bulk", Key="out/run/img_emb/img_emb_000000.npy")["ContentLength"] > 0

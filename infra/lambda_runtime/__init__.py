@@ -17,6 +17,7 @@ from .runner import (
     cold_start,
     ensure_runtime,
     find_python,
+    plain_cold_start,
 )
 from .runtime_api import InitError, InvocationResult, RuntimeApi
 from .sam_build import LAMBDA_UNZIPPED_LIMIT, BuiltApp, BuiltFunction, function_arn, layer_arn, tree_bytes
@@ -39,5 +40,6 @@ __all__ = [
     "find_python",
     "function_arn",
     "layer_arn",
+    "plain_cold_start",
     "tree_bytes",
 ]

@@ -201,14 +201,18 @@ class LocalLambda:
         env.update({k: self._map(v, opt, tmp) for k, v in {**spec.environment, **self.extra_env}.items()})
         return {k: v for k, v in env.items() if v != ""}
 
+    def prepare(self) -> dict[str, str]:
+        """Lay out ``opt/`` and ``tmp/`` afresh and return the process environment (no process started)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        opt, tmp = self._prepare_dirs()
+        return self.environment(opt, tmp)
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the process: Lambda's init phase runs now (the handler module is imported)."""
         if self.process is not None:
             raise LocalLambdaError("already started")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        opt, tmp = self._prepare_dirs()
-        env = self.environment(opt, tmp)
+        env = self.prepare()
         cmd = [self.python, "-m", "awslambdaric", self.spec.handler]
         if env.get("AWS_LAMBDA_EXEC_WRAPPER"):
             cmd = [env["AWS_LAMBDA_EXEC_WRAPPER"], *cmd]
@@ -267,7 +271,8 @@ class LocalLambda:
 
 
 def cold_start(spec: FunctionSpec, event: dict[str, Any], workdir: Path, **kwargs: Any) -> tuple[float, Any]:
-    """Seconds from process start to the first response, and that response (parsed)."""
+    """Seconds from process start to the first response, and that response (parsed), under AWS's runtime
+    client (its import and Runtime API calls included, as on Lambda)."""
     with LocalLambda(spec, workdir, **kwargs) as fn:
         future = fn.api.submit(json.dumps(event).encode())  # queued first: the first poll gets it at once
         fn.start()
@@ -276,3 +281,66 @@ def cold_start(spec: FunctionSpec, event: dict[str, Any], workdir: Path, **kwarg
         if result.kind != "response":
             raise LocalLambdaError(f"{spec.name}: {result.body.decode()}\n{fn.output()}")
         return elapsed, result.json()
+
+
+# The plain way: a fresh python3.12 that imports the handler and calls it once, no runtime client between.
+PLAIN_MARK = "clip-plain-answer: "
+PLAIN_DRIVER = """
+import importlib, json, sys
+module, _, name = sys.argv[1].rpartition(".")
+handler = getattr(importlib.import_module(module), name)
+
+class Context:
+    function_name = "plain"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:plain"
+    memory_limit_in_mb = 2048
+    aws_request_id = "00000000-0000-0000-0000-000000000000"
+    log_group_name = log_stream_name = "plain"
+
+    def get_remaining_time_in_millis(self):
+        return 30000
+
+with open(sys.argv[2], "rb") as fh:
+    event = json.load(fh)
+result = handler(event, Context())
+sys.stdout.write("\\n" + MARK + json.dumps(result) + "\\n")
+sys.stdout.flush()
+""".replace("MARK", repr(PLAIN_MARK))
+
+
+def plain_cold_start(spec: FunctionSpec, event: dict[str, Any], workdir: Path, *, env: Mapping[str, str] | None = None,
+                     python: str | None = None, cpus: int | None = None,
+                     timeout_s: float = 60.0) -> tuple[float, Any]:
+    """Seconds from spawning a plain python3.12 over the function's layout (code, layers under ``opt/``, its
+    environment) to its handler's first answer, and that answer: :func:`cold_start` without the runtime client."""
+    fn = LocalLambda(spec, workdir, env=env, python=python, cpus=cpus, timeout_s=timeout_s)
+    try:
+        environment = fn.prepare()
+        environment.pop("AWS_LAMBDA_RUNTIME_API", None)
+        event_path = workdir / "event.json"
+        event_path.write_text(json.dumps(event))
+
+        def restrict() -> None:  # runs in the child before exec
+            if cpus:
+                os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
+
+        answer, elapsed = None, 0.0
+        with fn.log_path.open("ab") as log:
+            started = time.perf_counter()
+            process = subprocess.Popen([fn.python, "-c", PLAIN_DRIVER, spec.handler, str(event_path)],
+                                       cwd=spec.code, env=environment, stdout=subprocess.PIPE, stderr=log,
+                                       preexec_fn=restrict if cpus else None)
+            assert process.stdout is not None
+            for line in process.stdout:  # the clock stops at the answer, not at the interpreter's exit
+                if line.startswith(PLAIN_MARK.encode()):
+                    elapsed = time.perf_counter() - started
+                    answer = json.loads(line[len(PLAIN_MARK):])
+                    break
+            process.stdout.close()
+            code = process.wait(timeout=timeout_s)
+    finally:
+        fn.api.close()
+    if answer is None:
+        raise LocalLambdaError(f"{spec.name} (plain python) exited {code} without an answer:\n{fn.output()}")
+    return elapsed, answer
