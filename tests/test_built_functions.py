@@ -553,7 +553,7 @@ def test_built_bulk_functions_plan_and_embed_a_shard_under_python312(built: Buil
         s3.put_object(Bucket="built-bulk", Key=f"photos/{i}.png", Body=image_bytes(i))
     params = {"BulkSourceBucket": "built-bulk", "BulkSourcePrefix": "photos/", "BulkDestinationBucket": "built-bulk",
               "BulkDestinationPrefix": "out/", "CachePrefix": PREFIX}
-    env = {"AWS_ENDPOINT_URL_S3": moto_endpoint}
+    env = {"AWS_ENDPOINT_URL_S3": moto_endpoint, "CLIP_BULK_PLAN_MARGIN_S": "5"}  # the runner's 60 s, not 900
     job = {"src": "s3://built-bulk/photos/", "dst": "s3://built-bulk/out/run/", "batch_size": 2}
     with LocalLambda(built_function(built, "BulkJobFunction", resources={"CacheBucket": BUCKET}, parameters=params),
                      tmp_path / "job", python=lambda_python, env=env) as fn:
