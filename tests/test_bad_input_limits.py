@@ -491,6 +491,11 @@ def test_the_body_limit_without_content_length(make_app: Callable[..., Any]) -> 
         large = json.dumps({"text": "x" * 2000}).encode()
         response = client.post("/clip/embed_text", content=chunks(large), headers=JSON)
         assert_message(response, 413, "1000 bytes", "URL")
+        # Under the limit in bytes, over it escaped: counting starts mid-body (past half the limit) and must
+        # still weigh the chunks that came before.
+        quoted = json.dumps({"text": 'x"' * 300}).encode()
+        assert len(quoted) < 1000
+        assert_message(client.post("/clip/embed_text", content=chunks(quoted), headers=JSON), 413, "1000 bytes")
 
 
 # -- GET /, /info, /healthz on every single-endpoint (Lambda) app ---------------------------------------

@@ -73,8 +73,10 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await too_large(scope, receive, send)
                 return
-        # Within the declared length (or none, or a lying one): count while reading.
-        weight = 0
+        # Within the declared length (or none, or a lying one): count while reading. Escaping at most doubles
+        # a byte, so a body under half the limit is not counted at all (five passes over a base64 image
+        # cost 0.5 ms a request).
+        weight = length = weighed = 0
         body: list[bytes] = []
         more = True
         while more:
@@ -82,11 +84,14 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
-            weight += event_bytes(chunk)
-            if weight > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
             body.append(chunk)
+            length += len(chunk)
+            if 2 * length > self.max_bytes:
+                weight += sum(event_bytes(part) for part in body[weighed:])
+                weighed = len(body)
+                if weight > self.max_bytes:
+                    await too_large(scope, receive, send)
+                    return
             more = message.get("more_body", False)
         replayed = False
 
