@@ -63,11 +63,11 @@ def main() -> None:
     cpus = encoder.available_cpus
 
     def sequential_batch() -> None:
-        encoder.available_cpus = lambda: 1  # type: ignore[assignment]
+        encoder.available_cpus = lambda: 1
         try:
             call(batch)
         finally:
-            encoder.available_cpus = cpus  # type: ignore[assignment]
+            encoder.available_cpus = cpus
 
     runs: dict[str, Callable[[], object]] = {
         "8 single calls": lambda: [call(e) for e in singles],
