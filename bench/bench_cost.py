@@ -9,7 +9,7 @@ to 3,008 MB, quota per 20 ms period by default). The requests (API Gateway HTTP 
 - embed_image: one 1024x768 JPEG photo (a scikit-image sample photo, quality 90) as base64;
 - embed_text: one caption; a list of 8 captions;
 - compare: the photo against 8 captions, the captions embedded by ``embed_text`` behind a local Lambda
-  Invoke API (its own CPU share, ``--text-memory``), whose duration and request are billed too;
+  Invoke API (its own CPU share, ``--invoked-memory``), whose duration and request are billed too;
 - embeddings (OpenAI's API): one caption; 8 captions (``encoding_format: base64``, the ``openai`` client's).
 
 A request's duration is Lambda's: from the event's delivery to the runtime (its ``next`` call returns)
@@ -23,12 +23,21 @@ neighbour slows all sizes alike; the tables give medians over all rounds and the
 medians. Costs use the median billed duration (the bill is the mean: it is in the JSON, and on a quiet
 machine the two agree closely; on a shared one the mean follows the neighbours).
 
+Also per environment: its init (process start to the runtime's first poll, under the same share: a cold
+start without its first request), the CPU time of each request (all the function's threads; unlike the
+duration, hardly affected by neighbours), the share of CPU periods in which the cgroup was throttled, and
+the process's peak resident set.
+
 The recommended memory size of a function is the cheapest (its first request kind, total $/M) at which
-every request kind of the function keeps its p90 within its latency bound (``BOUNDS``, ``--bound``) and
-the process's peak resident memory stays below the memory size.
+every request kind of the function keeps its p90 within its latency bound (``BOUNDS``, ``--bound``), its
+init within ``INIT_BOUND_S`` (``--init-bound``), and the process's peak resident memory below the memory
+size; a size within ``TOLERANCE`` (2%, ``--tolerance``) of that cost counts as a tie, which the larger size
+wins. The sizes below 1,769 MB cost about the same for CPU-bound work (duration x memory is constant while
+the share is below one vCPU), so the bounds decide among them.
 
     .venv/bin/python bench/bench_cost.py [--rounds 3] [--requests 20] [--json build/bench-lambda/cost.json]
     .venv/bin/python bench/bench_cost.py --functions embed_text --memory 512,1024,1769 --reuse-build
+    .venv/bin/python bench/bench_cost.py --period-us 100000 --arrival back-to-back   # sensitivity
 
 Needs root and a writable cgroup v1 CPU controller (bench/lambda_cpu.py), build/models/ViT-B-32-synthetic-int8
 (`make models-b32`), Python 3.12 and the SAM CLI in .venv-sam.
@@ -87,7 +96,7 @@ from tests.lambda_events import http_api_event  # noqa: E402
 # Built apart from bench_cold_start's build/bench-cold-start/, which that bench rebuilds on every run.
 BUILD = REPO / "build" / "bench-lambda"
 DEFAULT_MEMORY = (512, 768, 1024, 1536, 1769, 2048, 3008)
-DEFAULT_TEXT_MEMORY = 1024
+DEFAULT_INVOKED_MEMORY = 1024
 PHOTO = "coffee"  # skimage.data.coffee(), 600x400, resized to the benchmark's size
 GOALS_USD_PER_MILLION = {"embed_image": 2.50, "embed_text": 1.50}
 
@@ -117,6 +126,13 @@ class Request:
 # feels instant. An image arrives after an upload of a few hundred KB, which takes longer than its
 # embedding: 150 ms. Eight items (a batch, compare's prompts): 400 ms, a step a user still sees as prompt.
 BOUNDS = {"caption": 50.0, "image": 150.0, "batch": 400.0}
+# A cold start is a request's latency too (every burst starts new environments): its init, measured under
+# the same CPU share, at most 2 s, three times what it takes with two whole cores (README: ~0.7 s). If
+# Lambda runs init faster than the share (it has been seen to), this bound is on the safe side.
+INIT_BOUND_S = 2.0
+# Sizes whose cost is this close to the cheapest are as cheap, as far as these measurements can tell (the
+# rounds' medians of one size spread by several per cent on a shared machine): the largest of them wins.
+TOLERANCE = 0.02
 
 
 def photo_jpeg(width: int = 1024, height: int = 768, quality: int = 90) -> bytes:
@@ -151,9 +167,12 @@ class TimedRuntimeApi(RuntimeApi):
         self.durations: list[float] = []
         self._delivered: dict[str, float] = {}
         self.polled = threading.Event()  # the runtime asked for its first event: init is over
+        self.polled_at = 0.0
 
     def _next(self) -> _Pending | None:
-        self.polled.set()
+        if not self.polled.is_set():
+            self.polled_at = time.perf_counter()
+            self.polled.set()
         pending = super()._next()
         if pending is not None:
             self._delivered[pending.request_id] = time.perf_counter()
@@ -192,6 +211,12 @@ class MeasuredLambda(LocalLambda):
         """The process's peak resident set (VmHWM) so far."""
         return proc_status_kb(self.process.pid if self.process else 0, "VmHWM") / 1024
 
+    def init_seconds(self) -> float:
+        """Process start to the runtime's first poll: Lambda's init phase (imports, model, warm-up)."""
+        if not self.timed.polled.wait(timeout=self.api.timeout_s):
+            raise TimeoutError(f"{self.spec.name}: init did not finish within {self.api.timeout_s} s")
+        return self.timed.polled_at - self.started_at
+
     def cpu_seconds(self) -> float:
         """CPU time its threads have run so far (``/proc/PID/task/*/schedstat``, nanoseconds)."""
         pid, total = self.process.pid if self.process else 0, 0
@@ -222,7 +247,8 @@ class Series:
     memory_mb: int
     durations: list[list[float]] = field(default_factory=list)  # per round, seconds
     cpu: list[float] = field(default_factory=list)  # CPU seconds of the function's process per request
-    invoked: list[list[float]] = field(default_factory=list)  # per round: durations of the invocations it made
+    invoked: list[list[float]] = field(default_factory=list)  # per request: durations of the invocations it made
+    init: list[float] = field(default_factory=list)  # per environment (round): its init, seconds
     response_bytes: int = 0
     peak_rss_mb: float = 0.0
     throttled_periods: int = 0
@@ -232,10 +258,6 @@ class Series:
     def all(self) -> list[float]:
         return [d for run in self.durations for d in run]
 
-    @property
-    def all_invoked(self) -> list[float]:
-        return [d for run in self.invoked for d in run]
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -244,8 +266,9 @@ class Settings:
     warmup: int
     period_us: int
     arrival: str
-    text_memory_mb: int
+    invoked_memory_mb: int
     python: str
+    init_bound_s: float = INIT_BOUND_S
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -259,14 +282,14 @@ def start_lenders(app: BuiltApp, endpoints: Sequence[str], settings: Settings,
                   catalogue: Mapping[str, list[Request]],
                   stack: ExitStack) -> tuple[LambdaService, dict[str, MeasuredLambda]]:
     """The functions that ``endpoints`` invoke (embed_text for compare) behind a local Invoke API: one warm
-    environment each, timed, in its own CPU share (``settings.text_memory_mb``)."""
+    environment each, timed, in its own CPU share (``settings.invoked_memory_mb``)."""
     service = stack.enter_context(LambdaService())
     lenders: dict[str, MeasuredLambda] = {}
     for entry in REGISTRY:
         if entry.name not in endpoints or entry.invokes is None or entry.invokes.endpoint in lenders:
             continue
         lender = endpoint_spec(entry.invokes.endpoint)
-        memory = settings.text_memory_mb
+        memory = settings.invoked_memory_mb
         spec = dataclasses.replace(built_function(app, lender.function, resources={"CacheBucket": ""}),
                                    memory_mb=memory)
         share = stack.enter_context(CpuShare(memory, period_us=settings.period_us,
@@ -299,13 +322,15 @@ def measure_round(app: BuiltApp, endpoint: str, memory: int, requests: Sequence[
             MeasuredLambda(spec, Path(workdir), share=share, python=settings.python,
                            env={**NO_CACHE, **settings.env, "AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}) as fn:
         events = [request.event() for request in requests]
+        fn.start()
+        init = fn.init_seconds()
         for _ in range(settings.warmup):
             for event in events:
                 assert fn.invoke_json(event)["statusCode"] == 200
                 pause(settings)
         before = share.stats()
         runs: dict[str, list[float]] = {r.name: [] for r in requests}
-        invoked: dict[str, list[float]] = {r.name: [] for r in requests}
+        invoked: dict[str, list[list[float]]] = {r.name: [] for r in requests}
         for _ in range(settings.requests):
             for request, event in zip(requests, events, strict=True):  # interleaved: drift hits every kind
                 pause(settings)
@@ -317,14 +342,14 @@ def measure_round(app: BuiltApp, endpoint: str, memory: int, requests: Sequence[
                     raise RuntimeError(f"{endpoint} {request.name}: {response}")
                 runs[request.name].append(fn.durations[-1])
                 if lender is not None:
-                    invoked[request.name].append(sum(lender.durations[lent:]))
+                    invoked[request.name].append(list(lender.durations[lent:]))
                 series[endpoint, request.name, memory].response_bytes = response_bytes(response)
         after = share.stats()
         for request in requests:
             s = series[endpoint, request.name, memory]
             s.durations.append(runs[request.name])
-            if lender is not None:
-                s.invoked.append(invoked[request.name])
+            s.invoked += invoked[request.name]
+            s.init.append(init)
             s.peak_rss_mb = max(s.peak_rss_mb, fn.peak_rss_mb())
             s.throttled_periods += after["nr_throttled"] - before["nr_throttled"]
             s.periods += after["nr_periods"] - before["nr_periods"]
@@ -347,8 +372,11 @@ class Row:
     round_medians_ms: tuple[float, ...]
     billed_ms: float  # median of the billed durations
     mean_billed_ms: float
-    invoked_billed_ms: float  # the invoked function's, per request (0: none)
+    invoked_calls: int  # invocations of other functions per request (median)
+    invoked_billed_ms: float  # their billed duration per request (median; 0: none)
     invoked_memory_mb: int
+    init_s: float  # the environment's init (cold start without the first request), median over rounds
+    init_bound_s: float
     bound_ms: float
     peak_rss_mb: float
     throttled_share: float  # of the CPU periods in which the function ran, those it was throttled in
@@ -360,6 +388,10 @@ class Row:
         return self.p90_ms <= self.bound_ms
 
     @property
+    def meets_init_bound(self) -> bool:
+        return self.init_s <= self.init_bound_s
+
+    @property
     def fits(self) -> bool:
         return self.peak_rss_mb < self.memory_mb
 
@@ -367,49 +399,56 @@ class Row:
 def to_row(s: Series, settings: Settings) -> Row:
     durations = s.all
     billed = [billed_ms(d) for d in durations]
-    invoked = [billed_ms(d) for d in s.all_invoked]
-    invoked_memory = settings.text_memory_mb if invoked else 0
+    calls = round(statistics.median(len(made) for made in s.invoked)) if s.invoked else 0
+    invoked = [sum(billed_ms(d) for d in made) for made in s.invoked]  # billed ms per request, all its calls
+    invoked_memory = settings.invoked_memory_mb if calls else 0
     units = http_api_units(s.request.body_bytes, s.response_bytes)
 
     def cost(own: float, lent: float) -> CostPerMillion:
-        calls = [Invocation(own, s.memory_mb)] + ([Invocation(lent, invoked_memory)] if invoked else [])
-        return cost_per_million(calls, units)
+        made = [Invocation(lent / calls, invoked_memory) for _ in range(calls)]
+        return cost_per_million([Invocation(own, s.memory_mb), *made], units)
 
-    med_invoked = statistics.median(invoked) if invoked else 0.0
+    med_invoked = statistics.median(invoked) if calls else 0.0
     return Row(endpoint=s.request.endpoint, request=s.request.name, memory_mb=s.memory_mb,
                vcpu=vcpu_share(s.memory_mb), median_ms=1000 * statistics.median(durations),
                cpu_ms=1000 * statistics.median(s.cpu),
                p90_ms=1000 * p90(durations),
                round_medians_ms=tuple(1000 * statistics.median(run) for run in s.durations),
                billed_ms=statistics.median(billed), mean_billed_ms=statistics.fmean(billed),
-               invoked_billed_ms=med_invoked, invoked_memory_mb=invoked_memory, bound_ms=s.request.bound_ms,
+               invoked_calls=calls, invoked_billed_ms=med_invoked, invoked_memory_mb=invoked_memory,
+               init_s=statistics.median(s.init), init_bound_s=settings.init_bound_s, bound_ms=s.request.bound_ms,
                peak_rss_mb=s.peak_rss_mb, throttled_share=s.throttled_periods / max(1, s.periods),
                cost=cost(statistics.median(billed), med_invoked),
-               cost_mean=cost(statistics.fmean(billed), statistics.fmean(invoked) if invoked else 0.0))
+               cost_mean=cost(statistics.fmean(billed), statistics.fmean(invoked) if calls else 0.0))
 
 
-def recommend(rows: Sequence[Row], endpoint: str) -> tuple[int | None, str]:
-    """The cheapest memory size (first request kind) at which every request kind meets its bound and fits."""
+def recommend(rows: Sequence[Row], endpoint: str, tolerance: float = TOLERANCE) -> tuple[int | None, str]:
+    """The memory size for ``endpoint``'s function: among the sizes at which every request kind meets its
+    bound, init meets its bound and the process fits, those within ``tolerance`` of the cheapest (first
+    request kind, total $/M), and of these the largest (the most CPU for the same money)."""
     mine = [r for r in rows if r.endpoint == endpoint]
     first = mine[0].request
     ok = []
     for memory in sorted({r.memory_mb for r in mine}):
         at = [r for r in mine if r.memory_mb == memory]
-        if all(r.meets_bound and r.fits for r in at):
+        if all(r.meets_bound and r.meets_init_bound and r.fits for r in at):
             ok.append(next(r for r in at if r.request == first))
     if not ok:
-        return None, f"no memory size keeps every request kind of {endpoint} within its bound"
-    best = min(ok, key=lambda r: (round(r.cost.total, 4), r.memory_mb))
-    slower = [r.memory_mb for r in mine if r.request == first and r not in ok]
-    reason = (f"cheapest for '{first}' (${best.cost.total:.2f}/M) among sizes whose p90s meet the bounds"
-              + (f"; {', '.join(map(str, sorted(slower)))} MB miss a bound" if slower else ""))
+        return None, f"no memory size keeps every request kind of {endpoint} and its init within the bounds"
+    cheapest = min(ok, key=lambda r: r.cost.total)
+    best = max((r for r in ok if r.cost.total <= cheapest.cost.total * (1 + tolerance)), key=lambda r: r.memory_mb)
+    missed = [r.memory_mb for r in mine if r.request == first and r not in ok]
+    reason = (f"${best.cost.total:.3f}/M for '{first}'"
+              + (f", within {tolerance:.0%} of the cheapest passing size ({cheapest.memory_mb} MB, "
+                 f"${cheapest.cost.total:.3f}/M)" if best is not cheapest else ", the cheapest passing size")
+              + (f"; {', '.join(map(str, sorted(missed)))} MB miss a bound" if missed else ""))
     return best.memory_mb, reason
 
 
 def print_table(rows: Sequence[Row]) -> None:
     print("| function | request | memory (vCPU) | median ms (rounds) | p90 ms | bound | CPU ms | billed ms | "
-          "compute | requests | HTTP API | **total $/M** | peak RSS | throttled |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "compute | requests | HTTP API | **total $/M** | peak RSS | throttled | init s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         spread = f"{min(r.round_medians_ms):.1f}-{max(r.round_medians_ms):.1f}"
         billed = f"{r.billed_ms:.0f}" + (f" + {r.invoked_billed_ms:.0f} @{r.invoked_memory_mb}"
@@ -418,7 +457,7 @@ def print_table(rows: Sequence[Row]) -> None:
         print(f"| {r.endpoint} | {r.request} | {r.memory_mb} ({r.vcpu:.2f}) | {r.median_ms:.1f} ({spread}) | "
               f"{r.p90_ms:.1f}{flag} | {r.bound_ms:.0f} | {r.cpu_ms:.1f} | {billed} | {r.cost.compute:.2f} | "
               f"{r.cost.requests:.2f} | {r.cost.http_api:.2f} | **{r.cost.total:.2f}** | {r.peak_rss_mb:.0f} MB | "
-              f"{r.throttled_share:.0%} |")
+              f"{r.throttled_share:.0%} | {r.init_s:.2f}{'' if r.meets_init_bound else ' ✗'} |")
 
 
 def conditions(settings: Settings, load_before: float) -> dict[str, Any]:
@@ -428,7 +467,7 @@ def conditions(settings: Settings, load_before: float) -> dict[str, Any]:
             "load_average_after": os.getloadavg()[0], "rounds": settings.rounds,
             "requests_per_round": settings.requests, "warmup": settings.warmup,
             "cfs_period_us": settings.period_us, "arrival": settings.arrival,
-            "text_memory_mb": settings.text_memory_mb, "model": INT8.name, "cache": "off"}
+            "invoked_memory_mb": settings.invoked_memory_mb, "model": INT8.name, "cache": "off"}
 
 
 def parse_memory(text: str) -> list[int]:
@@ -445,16 +484,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--period-us", type=int, default=DEFAULT_PERIOD_US, help="CFS period (Lambda: ~20 ms)")
     parser.add_argument("--arrival", choices=("idle", "back-to-back"), default="idle")
-    parser.add_argument("--text-memory", type=int, default=DEFAULT_TEXT_MEMORY,
-                        help="MB of embed_text when compare invokes it")
+    parser.add_argument("--invoked-memory", type=int, default=DEFAULT_INVOKED_MEMORY,
+                        help="MB of the functions others invoke (embed_text for compare)")
     parser.add_argument("--bound", action="append", default=[], metavar="KIND=MS",
                         help=f"override a p90 bound ({', '.join(f'{k}={v:.0f}' for k, v in BOUNDS.items())})")
+    parser.add_argument("--init-bound", type=float, default=INIT_BOUND_S, help="seconds of init allowed")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help="cost difference treated as a tie (the larger memory size wins)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for every function (e.g. CLIP_NUM_THREADS=1)")
     parser.add_argument("--reuse-build", action="store_true", help=f"use {BUILD}/sam-int8 as it is")
     parser.add_argument("--json", type=Path, help="write the rows, prices and conditions here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="measure nothing: print the table and recommendations of an earlier --json file")
     args = parser.parse_args()
+    if args.report:
+        data = json.loads(args.report.read_text())
+        rows = [row_from_json(item, args.init_bound) for item in data["rows"]]
+        print(header(data["conditions"]))
+        print_recommendations(rows, args.init_bound, args.tolerance)
+        return
     try:
         check_cgroup()
     except CgroupUnavailable as exc:
@@ -470,7 +520,8 @@ def main() -> None:
     random.seed(args.seed)
     python = find_python()
     settings = Settings(rounds=args.rounds, requests=args.requests, warmup=args.warmup, period_us=args.period_us,
-                        arrival=args.arrival, text_memory_mb=args.text_memory, python=python,
+                        arrival=args.arrival, invoked_memory_mb=args.invoked_memory, python=python,
+                        init_bound_s=args.init_bound,
                         env=dict(item.split("=", 1) for item in args.env))
     load_before = os.getloadavg()[0]
     app = build(python, reuse=args.reuse_build)
@@ -488,35 +539,61 @@ def main() -> None:
                     measure_round(app, endpoint, memory, catalogue[endpoint], series, settings, service, lenders)
                     print(f"round {round_ + 1}/{args.rounds}: {endpoint} at {memory} MB", file=sys.stderr)
     rows = [to_row(series[e, r.name, m], settings) for e in endpoints for r in catalogue[e] for m in args.memory]
-    print(f"\nWarm durations and $ per million requests, {ARCHITECTURE} {REGION} list prices of {PRICES_CHECKED} "
-          f"(Lambda ${LAMBDA_USD_PER_GB_SECOND:.10f} per GB-s; cache writes apart); int8 zip functions, cache off; "
-          f"{args.rounds} round(s) x {args.requests} requests; CFS period {args.period_us // 1000} ms, arrival "
-          f"{args.arrival}; compare's embed_text at {args.text_memory} MB; load average "
-          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}:\n")
-    print_table(rows)
-    print("\nRecommended memory size (cheapest whose p90s meet the bounds and whose peak RSS fits):\n")
-    recommended: dict[str, Any] = {}
-    for endpoint in endpoints:
-        memory, reason = recommend(rows, endpoint)
-        row = next((r for r in rows if r.endpoint == endpoint and r.memory_mb == memory), None)
-        goal = GOALS_USD_PER_MILLION.get(endpoint)
-        verdict = ("" if goal is None or row is None
-                   else f" (goal ${goal:.2f}: {'met' if row.cost.total <= goal else 'MISSED'})")
-        print(f"- {endpoint}: {memory} MB: {reason}{verdict}")
-        recommended[endpoint] = {"memory_mb": memory, "reason": reason,
-                                 "total_usd_per_million": row.cost.total if row else None, "goal": goal}
+    info = conditions(settings, load_before)
+    print(header(info))
+    recommended = print_recommendations(rows, args.init_bound, args.tolerance)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "prices": {"checked": PRICES_CHECKED, "sources": PRICE_SOURCES, "region": REGION,
-                       "architecture": ARCHITECTURE},
-            "conditions": conditions(settings, load_before), "bounds_ms": bounds,
-            "rows": [{**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("cost", "cost_mean")},
-                      "usd_per_million": {**dataclasses.asdict(r.cost), "total": r.cost.total},
-                      "usd_per_million_from_mean": {**dataclasses.asdict(r.cost_mean), "total": r.cost_mean.total},
-                      "meets_bound": r.meets_bound, "fits": r.fits} for r in rows],
-            "recommended": recommended}, indent=2) + "\n")
+                       "architecture": ARCHITECTURE, "lambda_usd_per_gb_second": LAMBDA_USD_PER_GB_SECOND},
+            "conditions": info, "bounds_ms": bounds, "init_bound_s": args.init_bound, "tolerance": args.tolerance,
+            "rows": [row_to_json(r) for r in rows], "recommended": recommended}, indent=2) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+def header(info: Mapping[str, Any]) -> str:
+    return (f"\nWarm durations and $ per million requests, {ARCHITECTURE} {REGION} list prices of {PRICES_CHECKED} "
+            f"(Lambda ${LAMBDA_USD_PER_GB_SECOND:.10f} per GB-s; cache writes apart); int8 zip functions, cache off; "
+            f"{info['rounds']} round(s) x {info['requests_per_round']} requests; CFS period "
+            f"{info['cfs_period_us'] // 1000} ms, arrival {info['arrival']}; compare's embed_text at "
+            f"{info['invoked_memory_mb']} MB; {info['cpu']}, load average {info['load_average_before']:.1f} -> "
+            f"{info['load_average_after']:.1f}:\n")
+
+
+def print_recommendations(rows: Sequence[Row], init_bound: float, tolerance: float) -> dict[str, Any]:
+    print_table(rows)
+    print(f"\nRecommended memory size (p90s within the bounds, init at most {init_bound:.1f} s, peak RSS "
+          f"within the size; the largest of those within {tolerance:.0%} of the cheapest):\n")
+    recommended: dict[str, Any] = {}
+    for endpoint in dict.fromkeys(r.endpoint for r in rows):
+        memory, reason = recommend(rows, endpoint, tolerance)
+        row = next((r for r in rows if r.endpoint == endpoint and r.memory_mb == memory), None)
+        goal = GOALS_USD_PER_MILLION.get(endpoint)
+        verdict = ("" if goal is None or row is None
+                   else f" (goal ${goal:.2f}: {'met' if row.cost.total <= goal else 'missed'})")
+        print(f"- {endpoint}: {memory} MB: {reason}{verdict}")
+        recommended[endpoint] = {"memory_mb": memory, "reason": reason,
+                                 "total_usd_per_million": row.cost.total if row else None, "goal": goal}
+    return recommended
+
+
+def row_to_json(r: Row) -> dict[str, Any]:
+    return {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("cost", "cost_mean")},
+            "usd_per_million": {**dataclasses.asdict(r.cost), "total": r.cost.total},
+            "usd_per_million_from_mean": {**dataclasses.asdict(r.cost_mean), "total": r.cost_mean.total},
+            "meets_bound": r.meets_bound, "meets_init_bound": r.meets_init_bound, "fits": r.fits}
+
+
+def row_from_json(item: Mapping[str, Any], init_bound: float) -> Row:
+    names = {f.name for f in dataclasses.fields(Row)} - {"cost", "cost_mean", "round_medians_ms", "init_bound_s"}
+
+    def cost(d: Mapping[str, float]) -> CostPerMillion:
+        return CostPerMillion(compute=d["compute"], requests=d["requests"], http_api=d["http_api"])
+
+    return Row(**{k: item[k] for k in names}, round_medians_ms=tuple(item["round_medians_ms"]),
+               init_bound_s=init_bound, cost=cost(item["usd_per_million"]),
+               cost_mean=cost(item["usd_per_million_from_mean"]))
 
 
 def build(python: str, *, reuse: bool) -> BuiltApp:
