@@ -22,6 +22,17 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
 
+@pytest.fixture(autouse=True)
+def fresh_aws_session() -> Iterator[None]:
+    """Every test's AWS clients come from a new botocore session: ``clip_serverless.aws_clients`` keeps one per
+    process, and a session made before moto (``mock_aws``) started would send its calls to AWS."""
+    from clip_serverless.aws_clients import forget_session
+
+    forget_session()
+    yield
+    forget_session()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     assert (TINY_MODEL / "manifest.json").exists(), "models/clip-tiny is missing: run python -m clip_export.train_tiny"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from clip_serverless.aws_lambda.secrets import (
     SECRET_VARIABLE,
     SSM_VARIABLE,
     ApiKey,
+    ApiKeyConflict,
     ApiKeyUnavailable,
     RetryPolicy,
     _aws_client,
@@ -234,7 +236,7 @@ def test_the_client_is_closed_after_the_read() -> None:
     assert failing.closed
 
 
-def test_boto3_is_imported_only_when_a_store_is_configured() -> None:
+def test_botocore_is_imported_only_when_a_store_is_configured() -> None:
     code = ("import sys\n"
             "from clip_serverless.aws_lambda.secrets import ApiKey, resolve_api_key\n"
             "assert resolve_api_key({}) is None and resolve_api_key({'CLIP_API_KEY': 'k'}) == 'k'\n"
@@ -269,6 +271,34 @@ def test_refresh_reads_the_rotated_key_and_fails_closed(aws: None) -> None:
         holder.get()  # neither the old key nor None (an open API)
     sm.create_secret(Name=SECRET, SecretString="newer-key")
     assert holder.refresh() is True and holder.get() == "newer-key"
+
+
+def test_a_background_read_is_waited_for_and_its_failure_raised_by_wait(aws: None) -> None:
+    boto3.client("secretsmanager", region_name=REGION).create_secret(Name=SECRET, SecretString="k-init")
+    holder = ApiKey.from_env({SECRET_VARIABLE: SECRET}, background=True)
+    holder.wait()
+    assert holder.get() == "k-init" and holder.refreshable
+    missing = ApiKey.from_env({SECRET_VARIABLE: "absent"}, background=True)
+    with pytest.raises(ApiKeyUnavailable, match=SECRET_VARIABLE):
+        missing.wait()  # Lambda init's end: the function fails its init
+    with pytest.raises(ApiKeyUnavailable, match="could not be read"):
+        missing.get()  # and a request would never find an open API
+    with pytest.raises(ApiKeyConflict):  # a bad configuration is raised at once, not in the thread
+        ApiKey.from_env({SECRET_VARIABLE: SECRET, SSM_VARIABLE: PARAMETER}, background=True)
+    assert ApiKey.from_env({"CLIP_API_KEY": "direct"}, background=True).get() == "direct"
+
+
+def test_get_waits_for_a_background_read_instead_of_answering_open() -> None:
+    class SlowStore:
+        def get_secret_value(self, *, SecretId: str) -> dict[str, Any]:
+            time.sleep(0.2)
+            return {"SecretString": "slow-key"}
+
+        def close(self) -> None: ...
+
+    holder = ApiKey.from_env({SECRET_VARIABLE: SECRET}, background=True,
+                             client_factory=lambda _service, _retry: SlowStore())
+    assert holder.get() == "slow-key"
 
 
 def test_the_holder_pins_the_variables_it_was_built_from(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:

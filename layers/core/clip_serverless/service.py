@@ -7,6 +7,7 @@ function never opens the visual graph, and never imports Pillow.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -194,16 +195,20 @@ class Preload:
 
     def __init__(self, jobs: Sequence[tuple[str, Callable[[], object]]]) -> None:
         self._failures: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._run, args=(job,), name=name, daemon=True)
+        self.started = time.perf_counter()
+        self.finished: dict[str, float] = {}  # job name -> seconds from the start to its end
+        self._threads = [threading.Thread(target=self._run, args=(name, job), name=name, daemon=True)
                          for name, job in jobs]
         for thread in self._threads:
             thread.start()
 
-    def _run(self, job: Callable[[], object]) -> None:
+    def _run(self, name: str, job: Callable[[], object]) -> None:
         try:
             job()
         except BaseException as exc:  # re-raised by wait(), in the caller's thread
             self._failures.append(exc)
+        finally:
+            self.finished[name] = time.perf_counter() - self.started
 
     def wait(self) -> None:
         """Join every job; raise the first failure."""

@@ -214,11 +214,13 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
-    def from_env(cls, environ: Environ | None = None) -> Settings:
+    def from_env(cls, environ: Environ | None = None, *, key_in_background: bool = False) -> Settings:
         """Every variable, read now from ``environ`` (default: this process's environment).
 
         Raises :class:`SettingsError` naming the first bad variable; reading the API key from its store
-        comes last (after every cheap check) and raises ``ApiKeyUnavailable`` when it fails."""
+        comes last (after every cheap check) and raises ``ApiKeyUnavailable`` when it fails. With
+        ``key_in_background`` (Lambda init) that read runs in a thread: ``api_key_holder.wait()`` raises
+        its failure."""
         env = dict(os.environ) if environ is None else environ  # one snapshot for every part
         model_dir = env_str("CLIP_MODEL_DIR", None, env)
         if not model_dir:
@@ -240,7 +242,7 @@ class Settings:
             server=ServerSettings.from_env(env),
             # Last (arguments are evaluated in order): CLIP_API_KEY, else Secrets Manager or SSM (secrets.py),
             # which reads over the network; no read happens when another value is bad.
-            api_key_holder=ApiKey.from_env(env),
+            api_key_holder=ApiKey.from_env(env, background=key_in_background),
         )
 
     @property

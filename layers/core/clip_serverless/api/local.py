@@ -10,11 +10,23 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from ..aws_lambda.secrets import ApiKeyUnavailable
-from ..service import ModelDirError
+from ..engine import SessionTuning
+from ..service import ClipService, ModelDirError
 from ..settings import Settings, SettingsError
 
 EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --arch ViT-B-32 "
                "--out build/models/ViT-B-32 --int8   (needs internet)")
+
+
+# Both towers run in this one process, and uvicorn may run an image and a text request at once: no spinning
+# (the other session's threads and the request threads would fight the spinners). bench/bench_engine_settings.py
+# measures the choice; CLIP_NUM_THREADS and CLIP_ORT_* override it.
+LOCAL_ENGINE = SessionTuning(spinning=False)
+
+
+def local_service(settings: Settings) -> ClipService:
+    """The service the local server runs: ``settings``, with :data:`LOCAL_ENGINE` where they leave a knob unset."""
+    return ClipService.from_settings(settings, engine=settings.engine.with_defaults(LOCAL_ENGINE))
 
 
 _QUERY = re.compile(r"\?([^\s\"']*)")
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from .app import build
 
         settings = Settings.from_env()  # every variable, checked before anything loads
-        app = build(settings)
+        app = build(settings, service=local_service(settings))
     except (ModelDirError, SettingsError, ApiKeyUnavailable) as exc:
         print(f"clip-serverless: cannot start: {exc}", file=sys.stderr)
         return 2

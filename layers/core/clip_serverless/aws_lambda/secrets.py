@@ -243,14 +243,42 @@ class ApiKey:
         self._state: tuple[str | None, str | None] = (value, None)  # (key, failure): swapped as one object
         self._reader = reader
         self._lock = threading.Lock()
+        self._first_read: threading.Thread | None = None  # from_env(background=True): the read under way
+        self._first_error: BaseException | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **read_options: Any) -> ApiKey:
-        """Read the key now (raises :class:`ApiKeyUnavailable`), and keep how to read it again."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, background: bool = False,
+                 **read_options: Any) -> ApiKey:
+        """Read the key now (raises :class:`ApiKeyUnavailable`), and keep how to read it again.
+
+        ``background`` (Lambda init): a key in a store is read in a thread, so init goes on meanwhile (the
+        botocore import, the client and the network round trip: ~150 ms); :meth:`wait` joins it and raises
+        what the read raised, and :meth:`get` waits for it too. A key given directly is taken at once."""
         env = os.environ if environ is None else environ
         pinned = {name: env[name] for name in VARIABLES if name in env}
         reader = functools.partial(resolve_api_key, pinned, **read_options)
-        return cls(reader(), reader=reader)
+        stores = [name for name in (SSM_VARIABLE, SECRET_VARIABLE) if pinned.get(name, "").strip()]
+        if not background or pinned.get(DIRECT_VARIABLE) or len(stores) != 1:  # nothing to wait for, or a conflict
+            return cls(reader(), reader=reader)
+        holder = cls(None, reader=reader)
+        holder._first_read = threading.Thread(target=holder._read_first, name="api-key", daemon=True)
+        holder._first_read.start()
+        return holder
+
+    def _read_first(self) -> None:
+        assert self._reader is not None
+        try:
+            self._state = (self._reader(), None)
+        except BaseException as exc:  # re-raised by wait(), in init's thread
+            self._first_error = exc
+            self._state = (None, f"the API key could not be read: {exc}")
+
+    def wait(self) -> None:
+        """Wait for a read started by ``from_env(background=True)``; raise its error (init must then fail)."""
+        if self._first_read is not None:
+            self._first_read.join()
+        if self._first_error is not None:
+            raise self._first_error
 
     @property
     def refreshable(self) -> bool:
@@ -258,6 +286,8 @@ class ApiKey:
         return self._reader is not None
 
     def get(self) -> str | None:
+        if self._first_read is not None and self._first_read.is_alive():
+            self._first_read.join()
         value, failure = self._state
         if failure is not None:
             raise ApiKeyUnavailable(failure)

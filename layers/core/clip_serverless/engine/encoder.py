@@ -31,12 +31,20 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def resolve(tuning: SessionTuning) -> SessionTuning:
+    """``tuning`` with each knob left ``None`` at the engine's default: every vCPU this process may run on, no
+    spinning, ONNX Runtime's memory arena and patterns on."""
+    return SessionTuning(threads=tuning.threads or available_cpus(), spinning=bool(tuning.spinning),
+                         cpu_mem_arena=tuning.cpu_mem_arena is not False, mem_pattern=tuning.mem_pattern is not False)
+
+
 def session_options(tuning: SessionTuning) -> ort.SessionOptions:
-    """ONNX Runtime's options for ``tuning``; each knob left ``None`` gets the engine's default."""
+    """ONNX Runtime's options for ``tuning``, its unset knobs at their defaults (:func:`resolve`)."""
     import onnxruntime as ort  # imported here so that importing this module stays cheap
 
+    tuning = resolve(tuning)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = tuning.threads if tuning.threads is not None else available_cpus()
+    options.intra_op_num_threads = tuning.threads or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -45,8 +53,8 @@ def session_options(tuning: SessionTuning) -> ort.SessionOptions:
     # a second session (the local server's) or any other thread then fights the spinners, and on Lambda they
     # burn the function's CPU quota (bench/bench_engine_settings.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if tuning.spinning else "0")
-    options.enable_cpu_mem_arena = tuning.cpu_mem_arena is not False
-    options.enable_mem_pattern = tuning.mem_pattern is not False
+    options.enable_cpu_mem_arena = bool(tuning.cpu_mem_arena)
+    options.enable_mem_pattern = bool(tuning.mem_pattern)
     return options
 
 
@@ -73,8 +81,7 @@ class _Tower:
         this process may run on. ``tuning``: the session's other knobs (:class:`SessionTuning`)."""
         self.model_dir = model_dir
         tuning = tuning if tuning is not None else SessionTuning()
-        threads = threads if threads is not None else tuning.threads
-        self.tuning = replace(tuning, threads=threads if threads is not None else available_cpus())
+        self.tuning = resolve(replace(tuning, threads=threads) if threads is not None else tuning)
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         # int8 dynamic quantisation picks activation scales per input tensor, so a row's result would
@@ -83,7 +90,7 @@ class _Tower:
 
     @property
     def threads(self) -> int:
-        return self.tuning.threads or 1  # never None: set in __init__
+        return self.tuning.threads or 1  # resolved in __init__: never None
 
     @property
     def loaded(self) -> bool:
