@@ -19,6 +19,11 @@ on the same seeded ViT-B/32 weights, tokenizer, one embedding) in a fresh proces
 git commit REF on the same deps and model layers, interleaved with the current one run by run (before,
 after, before, after, ...), so both see the same machine load: the table gives both and the change.
 
+``--aws`` runs the functions as deployed by default rather than bare: the embedding cache on (an S3 bucket of
+a local moto server, a fresh key prefix per run, so the first request misses and writes) and the API key in
+Secrets Manager (moto), sent by the event as ``Authorization: Bearer``; without it, the cache is off and the
+API open (no AWS client at all in embed_text and embed_image).
+
 compare embeds its texts through embed_text (Lambda Invoke): its cold start is measured with one warm
 embed_text environment behind a local Invoke API (the usual case on AWS: embed_text serves every
 text request), and its first answer includes that round trip. ``--warm N`` also times N warm
@@ -118,20 +123,60 @@ def with_baseline(spec: FunctionSpec, built: BuiltApp, root: Path, endpoint: str
     return dataclasses.replace(spec, layers=layers, code=root / "src" / "functions" / endpoint)
 
 
-def event(endpoint: str) -> dict[str, Any]:
-    return dict(json.loads((REPO / "events" / f"{endpoint}.http-api.json").read_text()))
+class Aws:
+    """What the functions reach as deployed: the cache bucket and the API key's secret, in a local moto server."""
+
+    BUCKET, SECRET, KEY = "clip-bench-cache", "clip-bench/api-key", "bench-key-5f1c"
+
+    def __init__(self) -> None:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        kwargs: dict[str, Any] = {"endpoint_url": self.url, "region_name": "us-east-1",
+                                  "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", **kwargs).create_bucket(Bucket=self.BUCKET)
+        boto3.client("secretsmanager", **kwargs).create_secret(Name=self.SECRET, SecretString=self.KEY)
+        self.runs = 0
+
+    def resources(self) -> dict[str, str]:
+        return {"CacheBucket": self.BUCKET}
+
+    def parameters(self) -> dict[str, str]:
+        return {"ApiKeySource": "secretsmanager", "ApiKeyName": self.SECRET}
+
+    def env(self) -> dict[str, str]:
+        """A fresh cache prefix each time: the first request of every run misses, computes and writes."""
+        self.runs += 1
+        return {"CLIP_CACHE_S3_ENDPOINT_URL": self.url, "AWS_ENDPOINT_URL_SECRETS_MANAGER": self.url,
+                "CLIP_CACHE_PREFIX": f"bench/{self.runs}/"}
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def event(endpoint: str, api_key: str | None = None) -> dict[str, Any]:
+    body = dict(json.loads((REPO / "events" / f"{endpoint}.http-api.json").read_text()))
+    if api_key:
+        body["headers"] = {**body.get("headers", {}), "authorization": f"Bearer {api_key}"}
+    return body
 
 
 def cold_runs(variants: dict[str, FunctionSpec], endpoint: str, ways: list[str], runs: int, python: str,
-              cpus: int | None, env: dict[str, str] | None = None) -> dict[tuple[str, str], list[float]]:
+              cpus: int | None, env: dict[str, str] | None = None,
+              aws: Aws | None = None) -> dict[tuple[str, str], list[float]]:
     """Seconds to the first response per (variant, way), the variants and ways interleaved run by run."""
     times: dict[tuple[str, str], list[float]] = {(v, w): [] for v in variants for w in ways}
     for run in range(runs + 1):  # the first round warms the page cache and is dropped
         for variant, spec in variants.items():
             for way in ways:
+                run_env = {**(aws.env() if aws else NO_CACHE), **(env or {})}
                 with tempfile.TemporaryDirectory(prefix="cold-") as workdir:
-                    seconds, response = WAYS[way](spec, event(endpoint), Path(workdir), python=python, cpus=cpus,
-                                                  env={**NO_CACHE, **(env or {})})
+                    seconds, response = WAYS[way](spec, event(endpoint, aws.KEY if aws else None), Path(workdir),
+                                                  python=python, cpus=cpus, env=run_env)
                 assert response["statusCode"] == 200, response
                 if run:
                     times[variant, way].append(seconds)
@@ -139,15 +184,15 @@ def cold_runs(variants: dict[str, FunctionSpec], endpoint: str, ways: list[str],
 
 
 def warm_times(spec: Any, endpoint: str, runs: int, python: str, cpus: int | None,
-               env: dict[str, str] | None = None) -> list[float]:
+               env: dict[str, str] | None = None, api_key: str | None = None) -> list[float]:
     """Seconds per warm invocation (handler and runtime round trip), cache off."""
     with tempfile.TemporaryDirectory(prefix="warm-") as workdir, \
-            LocalLambda(spec, Path(workdir), python=python, cpus=cpus, env={**NO_CACHE, **(env or {})}) as fn:
-        assert fn.invoke_json(event(endpoint))["statusCode"] == 200
+            LocalLambda(spec, Path(workdir), python=python, cpus=cpus, env={**(env or {}), **NO_CACHE}) as fn:
+        assert fn.invoke_json(event(endpoint, api_key))["statusCode"] == 200
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            response = fn.invoke_json(event(endpoint))
+            response = fn.invoke_json(event(endpoint, api_key))
             times.append(time.perf_counter() - start)
             assert response["statusCode"] == 200, response
     return times
@@ -217,6 +262,7 @@ def main() -> None:
                         help="endpoints to measure (default: all)")
     parser.add_argument("--baseline", metavar="REF", help="also measure the core layer of git commit REF")
     parser.add_argument("--warm", type=int, default=0, help="also time N warm invocations per zip function")
+    parser.add_argument("--aws", action="store_true", help="cache on and API key from Secrets Manager (moto)")
     args = parser.parse_args()
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not ways or set(ways) - set(WAYS):
@@ -237,24 +283,29 @@ def main() -> None:
     threads = args.cpus or len(os.sched_getaffinity(0))
     # The functions that others invoke for one modality (compare -> embed_text, embeddings -> embed_image):
     # one environment each, started (and warmed) before the runs, as on AWS where they serve their own routes.
+    aws = Aws() if args.aws else None
+    resources = aws.resources() if aws else {"CacheBucket": ""}
+    parameters = aws.parameters() if aws else {}
     service = LambdaService()
     for lender in {entry.invokes.endpoint for entry in REGISTRY if entry.invokes is not None}:
-        pool = service.register(built_function(built, endpoint_spec(lender).function, resources={"CacheBucket": ""}),
-                                python=python, cpus=args.cpus, env=NO_CACHE, max_concurrency=1)
+        pool = service.register(built_function(built, endpoint_spec(lender).function, resources=resources,
+                                               parameters=parameters),
+                                python=python, cpus=args.cpus, env=aws.env() if aws else NO_CACHE, max_concurrency=1)
         pool.prestart(1)
-        pool.all[0].invoke_json(event(lender))
+        pool.all[0].invoke_json(event(lender, aws.KEY if aws else None))
     invoke_env = {"AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
     rows, warm = [], {}
     try:
         for endpoint_name in endpoints:
             name = endpoint_spec(endpoint_name).function
-            spec = built_function(built, name, resources={"CacheBucket": ""})
+            spec = built_function(built, name, resources=resources, parameters=parameters)
             variants = {"now": spec}
             if baseline is not None:
                 variants = {"baseline": with_baseline(spec, built, baseline, endpoint_name), "now": spec}
-            int8 = cold_runs(variants, endpoint_name, ways, args.runs, python, args.cpus, invoke_env)
+            int8 = cold_runs(variants, endpoint_name, ways, args.runs, python, args.cpus, invoke_env, aws)
             if args.warm:
-                warm[endpoint_name] = warm_times(spec, endpoint_name, args.warm, python, args.cpus, invoke_env)
+                warm[endpoint_name] = warm_times(spec, endpoint_name, args.warm, python, args.cpus,
+                                                 {**invoke_env, **(aws.env() if aws else {})}, aws.KEY if aws else None)
             command = f"functions/{endpoint_name}/app.handler"
             fp32 = [] if args.no_fp32 else cold_runs(
                 {"now": image_function(dockerfile, image_root, name, command=command)}, endpoint_name,
@@ -267,7 +318,10 @@ def main() -> None:
                                                   for (v, w), xs in int8.items()), file=sys.stderr)
     finally:
         service.close()
-    print(f"\nCold start, process start to first response (median of {args.runs}; min-max), "
+        if aws:
+            aws.close()
+    setup = "cache on (moto S3), API key from Secrets Manager (moto)" if aws else "cache off, no API key"
+    print(f"\nCold start, process start to first response (median of {args.runs}; min-max), {setup}, "
           f"{threads} core(s), load average {os.getloadavg()[0]:.1f}:\n")
     columns = [(v, w) for v in (["baseline", "now"] if baseline else ["now"]) for w in ways]
     label = {"baseline": f"{args.baseline}, ", "now": ""}
