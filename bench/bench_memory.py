@@ -18,17 +18,20 @@ API Gateway HTTP API events (JSON bodies as text), a realistic one first, then t
 - compare: the 1024x768 photo vs 8 captions; the ~4 MB photo vs 8 captions;
 - embeddings: 8 captions; 2,048 captions as base64 (OpenAI's limit; 2,048 texts of 77 tokens take longer
   than Lambda's timeout, fp32 or int8); 8 photos as data: URIs;
-- ``--stress``: embed_image with as many 64 MP images (``CLIP_MAX_IMAGE_PIXELS``) as fit the body: not
-  realistic, within the API's limits.
+- ``--stress``: embed_image with as many 64 MP images (``CLIP_MAX_IMAGE_PIXELS``) as fit the body (4, as
+  JPEGs of quality 5): not realistic, within the API's limits.
 
 ``--ort-options`` also loads each fp32 and int8 tower alone, in a fresh process of the image layout's
 packages, under ONNX Runtime session options (the engine's, then each variant: no pre-packing, no CPU
 memory arena, no memory pattern, initialisers through the device allocator), and reports the peak resident
-set after the session is created and after its largest batch, with that batch's time (the engine's
-options are in layers/core/clip_serverless/engine/encoder.py, which this script does not change).
+set after the session is created and after its largest batch, with the times of one item and of that batch
+(``--ort-repeats`` processes each, interleaved; the engine's options are in
+layers/core/clip_serverless/engine/encoder.py, which this script does not change).
 
     .venv/bin/python bench/bench_memory.py [--flavours fp32,int8] [--ort-options] [--stress] \
         [--json build/bench-lambda/memory.json]
+    .venv/bin/python bench/bench_memory.py --flavours fp32 --env CLIP_ORT_MEM_PATTERN=false   # try a setting
+    .venv/bin/python bench/bench_memory.py --flavours "" --ort-options --ort-repeats 9       # ORT probe only
 
 Needs build/models/ViT-B-32-synthetic{,-int8} (`make models-b32`), Python 3.12 and the SAM CLI in .venv-sam.
 """
@@ -40,6 +43,7 @@ import base64
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,7 +158,7 @@ def memory_requests(stress: bool) -> dict[str, list[Request]]:
     }
     if stress:
         side = int(DEFAULT_MAX_IMAGE_PIXELS**0.5)
-        huge = jpeg_at_most(sized(side, side, PHOTO), 2_000_000, range(50, 4, -5))
+        huge = encode(sized(side, side, PHOTO), "JPEG", quality=5)  # ~1 MB: the fewest bytes for the most pixels
         count = min(8, (DEFAULT_MAX_BODY_BYTES - BODY_MARGIN) // (len(b64(huge)) + 32))
         out["embed_image"].append(
             Request(f"stress: {count} images {side}x{side} ({len(huge) // 1024} KB each)", "embed_image",
@@ -240,15 +244,15 @@ def measure(spec: FunctionSpec, endpoint: str, requests: Sequence[Request], pyth
 
 
 def measure_flavour(flavour: str, app: BuiltApp, root: Path | None, endpoints: Sequence[str],
-                    catalogue: Mapping[str, list[Request]], python: str) -> list[Peaks]:
+                    catalogue: Mapping[str, list[Request]], python: str, extra_env: Mapping[str, str]) -> list[Peaks]:
     functions = specs(flavour, app, root)
     out = []
     with ExitStack() as stack:
         service = stack.enter_context(LambdaService())
         for lender in {e.invokes.endpoint for e in REGISTRY if e.invokes is not None and e.name in endpoints}:
-            pool = service.register(functions[lender], python=python, env=NO_CACHE, max_concurrency=1)
+            pool = service.register(functions[lender], python=python, env={**NO_CACHE, **extra_env}, max_concurrency=1)
             pool.prestart(1)
-        env = {**NO_CACHE, "AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
+        env = {**NO_CACHE, **extra_env, "AWS_ENDPOINT_URL_LAMBDA": service.endpoint_url}
         for endpoint in endpoints:
             print(f"{flavour}: {endpoint}", file=sys.stderr)
             peaks = measure(functions[endpoint], endpoint, catalogue[endpoint], python, env)
@@ -337,16 +341,25 @@ def ort_probe(task_root: Path, model: Path, precision: str, tower: str, variant:
     return result
 
 
-def ort_options(task_root: Path, python: str) -> list[dict[str, Any]]:
+def ort_options(task_root: Path, python: str, repeats: int) -> list[dict[str, Any]]:
+    """Every variant of each tower ``repeats`` times, interleaved (a neighbour's burst hits all alike): the
+    medians of the runs, and the spread of the times."""
+    cases = [(model, precision, tower, name, variant)
+             for model, precision in ((FP32, "fp32"), (INT8, "int8")) for tower in ("visual", "textual")
+             for name, variant in ORT_VARIANTS.items() if precision == "fp32" or not variant]
+    runs: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    for repeat in range(repeats):
+        for model, precision, tower, name, variant in cases:
+            result = ort_probe(task_root, model, precision, tower, variant, python)
+            runs.setdefault((precision, tower, name), []).append(result)
+            print(f"  ORT {repeat + 1}/{repeats} {precision} {tower} {name}: {result}", file=sys.stderr)
     rows = []
-    for model, precision in ((FP32, "fp32"), (INT8, "int8")):
-        for tower in ("visual", "textual"):
-            for name, variant in ORT_VARIANTS.items():
-                if precision == "int8" and name != "engine (encoder.py)":
-                    continue
-                result = ort_probe(task_root, model, precision, tower, variant, python)
-                rows.append({"precision": precision, "tower": tower, "options": name, **result})
-                print(f"  ORT {precision} {tower} {name}: {result}", file=sys.stderr)
+    for (precision, tower, name), results in runs.items():
+        row: dict[str, Any] = {"precision": precision, "tower": tower, "options": name, "runs": len(results)}
+        for key in ("loaded_mb", "run_mb", "small_ms", "large_ms"):
+            values = [r[key] for r in results]
+            row[key], row[f"{key}_min"], row[f"{key}_max"] = statistics.median(values), min(values), max(values)
+        rows.append(row)
     return rows
 
 
@@ -369,12 +382,13 @@ def print_peaks(results: Sequence[Peaks], catalogue: Mapping[str, list[Request]]
 def print_ort(rows: Sequence[Mapping[str, Any]]) -> None:
     print("\nONNX Runtime alone, one tower per process, 2 threads (peak resident set, MB; times: medians, one "
           "image or a 12-token caption, then the largest batch: 8 images or 32 texts of 77 tokens, int8 one row at "
-          "a time as the engine runs it):\n")
+          "a time as the engine runs it; medians of the repeats, min-max):\n")
     print("| precision | tower | session options | after create | after largest batch | 1 item ms | batch ms |\n"
           "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['precision']} | {r['tower']} | {r['options']} | {r['loaded_mb']:.0f} | {r['run_mb']:.0f} | "
-              f"{r['small_ms']:.1f} | {r['large_ms']:.0f} |")
+              f"{r['small_ms']:.1f} ({r['small_ms_min']:.1f}-{r['small_ms_max']:.1f}) | "
+              f"{r['large_ms']:.0f} ({r['large_ms_min']:.0f}-{r['large_ms_max']:.0f}) |")
 
 
 def main() -> None:
@@ -383,6 +397,9 @@ def main() -> None:
     parser.add_argument("--functions", default=",".join(e.name for e in REGISTRY))
     parser.add_argument("--stress", action="store_true", help="also embed_image with 64 MP images")
     parser.add_argument("--ort-options", action="store_true", help="also each tower alone under session options")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every function (e.g. an engine setting to try)")
+    parser.add_argument("--ort-repeats", type=int, default=5, help="processes per tower and session options")
     parser.add_argument("--reuse-build", action="store_true", help=f"use {BUILD}/sam-int8 as it is")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -398,10 +415,11 @@ def main() -> None:
     results: list[Peaks] = []
     ort_rows: list[dict[str, Any]] = []
     for flavour in flavours:
-        results += measure_flavour(flavour, app, root, endpoints, catalogue, python)
+        results += measure_flavour(flavour, app, root, endpoints, catalogue, python,
+                                   dict(item.split("=", 1) for item in args.env))
     if args.ort_options:
         assert root is not None
-        ort_rows = ort_options(root / "var" / "task", python)
+        ort_rows = ort_options(root / "var" / "task", python, args.ort_repeats)
     print_peaks(results, catalogue)
     if ort_rows:
         print_ort(ort_rows)
