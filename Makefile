@@ -24,7 +24,7 @@ CLIP_MODEL_SRC ?= models/clip-tiny
 FUNCTION ?= EmbedTextFunction
 EVENT ?= events/embed_text.http-api.json
 
-.PHONY: help serve test test-fast check lint bench bench-cold-start models-b32 setup setup-test setup-dev clean \
+.PHONY: help serve test test-fast check lint bench bench-cold-start bench-cost bench-memory bench-roboflow models-b32 setup setup-test setup-dev clean \
 	sam-setup sam-validate sam-build sam-deploy sam-invoke sam-sizes
 
 help: ## list the targets
@@ -150,6 +150,21 @@ sam-sizes: $(VENV)/.dev ## each built function + its layers against Lambda's 250
 
 bench-cold-start: models-b32 sam-setup ## cold start of the built functions vs a naive PyTorch handler
 	$(PY) bench/bench_cold_start.py
+
+# Needs root for CPU cgroups (Lambda's CPU share of each memory size); writes build/bench-lambda/*.json.
+bench-cost: models-b32 sam-setup ## $ per million requests per function and memory size, under Lambda's CPU share
+	$(PY) bench/bench_cost.py --json build/bench-lambda/cost.json
+
+bench-memory: models-b32 sam-setup ## peak resident memory per function and request, fp32 image and int8 zip
+	$(PY) bench/bench_memory.py --ort-options --json build/bench-lambda/memory.json
+
+# Our local server against Roboflow's Inference server on the same seeded weights (../shared/tools), both
+# precisions; then the request path's profile and batches against single calls.
+bench-roboflow: models-b32 ## side by side with Roboflow's server, fp32 and int8 (../shared/tools/peer-bench)
+	$(PY) bench/bench_vs_roboflow.py --roboflow fp32
+	$(PY) bench/bench_vs_roboflow.py --roboflow int8
+	$(PY) bench/bench_request_path.py
+	$(PY) bench/bench_batches.py
 
 # Bulk embedding (README: Bulk embedding): infra/bulk_cli. A job is SRC (a prefix of images, or with
 # BULK_ARGS=--text a CSV or JSON Lines file of captions) into DST (one folder per job).
