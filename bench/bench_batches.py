@@ -3,7 +3,7 @@
 Each round sends eight different 1024x768 JPEG photos (q=90, base64, scikit-image's photos cropped to 4:3)
 once as eight requests and once as one request of eight, interleaved, with the cache off; it prints the
 medians per image. A third row sends the batch with the decode and resize of its images done one after
-another (``available_cpus`` patched to 1 in the service's preprocessing), as before batches ran them in
+another (the service's ``decode_and_preprocess`` given one worker), as before batches ran them in
 parallel; the ONNX sessions are the same in all three.
 
 Every vector of the batch is checked equal, bit for bit, to its image's single call (the batch never changes
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     os.environ.update({"CLIP_MODEL_DIR": str(args.model), "CLIP_CACHE": "off"})
-    import clip_serverless.engine.encoder as encoder
+    import clip_serverless.engine.preprocessing as preprocessing
     from clip_serverless.aws_lambda.entry import handler_for
 
     handler = handler_for("embed_image")
@@ -60,14 +60,17 @@ def main() -> None:
     one_by_one = np.asarray([call(e)[0] for e in singles])
     together = np.asarray(call(batch))
     assert np.array_equal(one_by_one, together), "a batch changed a vector"
-    cpus = encoder.available_cpus
+    parallel = preprocessing.decode_and_preprocess
+
+    def one_worker(*args: Any, **kwargs: Any) -> Any:
+        return parallel(*args, **{**kwargs, "workers": 1})
 
     def sequential_batch() -> None:
-        encoder.available_cpus = lambda: 1
+        preprocessing.decode_and_preprocess = one_worker  # the service looks it up at each call
         try:
             call(batch)
         finally:
-            encoder.available_cpus = cpus
+            preprocessing.decode_and_preprocess = parallel
 
     runs: dict[str, Callable[[], object]] = {
         "8 single calls": lambda: [call(e) for e in singles],

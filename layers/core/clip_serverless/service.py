@@ -170,13 +170,14 @@ class ClipService:
         """Raw encoded image bytes in, embeddings out; raises ``ImageDecodeError`` for bad images."""
 
         def compute(indices: Sequence[int]) -> Float32Array:
-            from .engine.encoder import available_cpus
             from .engine.preprocessing import decode_and_preprocess
 
             m = self.manifest
-            # Several images decode and resize at once, one image in bands: on every vCPU the function has.
+            # Several images decode and resize at once, one image in bands: as many as the image session's
+            # threads (one below a vCPU's worth of Lambda memory, where a second only burns the quota).
             pixels = decode_and_preprocess([blobs[i] for i in indices], m.image_size, m.mean, m.std,
-                                           max_pixels=self.max_image_pixels, workers=available_cpus())
+                                           max_pixels=self.max_image_pixels,
+                                           workers=self.image_encoder.threads)
             return self.image_encoder.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)
