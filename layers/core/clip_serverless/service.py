@@ -119,28 +119,31 @@ class ClipService:
         self.start_preload(towers).wait()
 
     def start_preload(self, towers: Sequence[Tower]) -> Preload:
-        """Start loading ``towers`` in background threads and return at once; :meth:`Preload.wait` joins them.
+        """Start loading ``towers`` and return at once; :meth:`Preload.wait` finishes the loading.
 
-        Each session is created and run once (:meth:`~clip_serverless.engine.encoder.ImageEncoder.warm_up`) in a
-        thread of its own: ONNX Runtime releases the GIL meanwhile, so the caller imports and builds the rest
-        of the app on the other vCPU. The tokenizer (or another function's client for the text tower) loads
-        in a third thread; it holds the GIL, as the caller's imports do.
+        Each ONNX Runtime session is created and run once (:meth:`~clip_serverless.engine.encoder.ImageEncoder.
+        warm_up`) in a thread of its own: ONNX Runtime releases the GIL meanwhile, so the caller imports and
+        builds the rest of the app on the other vCPU. What holds the GIL (the tokenizer, another function's
+        client for the text tower) is left to :meth:`Preload.wait`, in the caller's thread: in threads of their
+        own they would only take turns with the caller, and each turn costs a hand-over of the GIL (compare's
+        init measured ~2,000 of them, and 60 ms slower, with the tokenizer and the client in threads).
         """
-        jobs: list[tuple[str, Callable[[], object]]] = []
+        threads: list[tuple[str, Callable[[], object]]] = []
         if "visual" in towers or ("textual" in towers and isinstance(self.text_encoder, TextEncoder)):
-            import onnxruntime  # noqa: F401  (here, not in two threads at once: imports that race can deadlock)
+            import onnxruntime  # noqa: F401  (here, not in two threads at once: imports racing in threads can deadlock)
         if "visual" in towers:
-            def visual() -> None:
-                self.image_encoder.warm_up()
-                from .engine import preprocessing  # noqa: F401  (Pillow's import cost belongs to init too)
-
-            jobs.append(("preload-visual", visual))
+            threads.append(("preload-visual", self.image_encoder.warm_up))
+        later: list[tuple[str, Callable[[], object]]] = []
         if "textual" in towers:
             text = self.text_encoder
-            jobs.append(("preload-textual", text.warm_up) if isinstance(text, TextEncoder)
-                        else ("preload-text-client", text.load))
-            jobs.append(("preload-tokenizer", self.load_tokenizer))
-        return Preload(jobs)
+            if isinstance(text, TextEncoder):
+                threads.append(("preload-textual", text.warm_up))
+            else:
+                later.append(("preload-text-client", text.load))
+            later.append(("preload-tokenizer", self.load_tokenizer))
+        if "visual" in towers:
+            later.append(("preload-pillow", _import_preprocessing))  # Pillow's import belongs to init too
+        return Preload(threads, later)
 
     def loaded_towers(self) -> list[str]:
         """The towers loaded in this process (another function's text tower is not one of them)."""
@@ -191,15 +194,21 @@ class ClipService:
         return embed_payloads(self.cache, modality, payloads, compute, use_cache=use_cache)
 
 
-class Preload:
-    """Loading jobs running in daemon threads (:meth:`ClipService.start_preload`)."""
+def _import_preprocessing() -> None:
+    from .engine import preprocessing  # noqa: F401
 
-    def __init__(self, jobs: Sequence[tuple[str, Callable[[], object]]]) -> None:
+
+class Preload:
+    """Loading under way (:meth:`ClipService.start_preload`): jobs in daemon threads now, others at :meth:`wait`."""
+
+    def __init__(self, threads: Sequence[tuple[str, Callable[[], object]]],
+                 later: Sequence[tuple[str, Callable[[], object]]] = ()) -> None:
         self._failures: list[BaseException] = []
         self.started = time.perf_counter()
         self.finished: dict[str, float] = {}  # job name -> seconds from the start to its end
+        self._later = list(later)
         self._threads = [threading.Thread(target=self._run, args=(name, job), name=name, daemon=True)
-                         for name, job in jobs]
+                         for name, job in threads]
         for thread in self._threads:
             thread.start()
 
@@ -212,7 +221,9 @@ class Preload:
             self.finished[name] = time.perf_counter() - self.started
 
     def wait(self) -> None:
-        """Join every job; raise the first failure."""
+        """Run the remaining jobs here, join the threads; raise the first failure."""
+        while self._later:
+            self._run(*self._later.pop(0))
         for thread in self._threads:
             thread.join()
         if self._failures:
