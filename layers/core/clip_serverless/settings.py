@@ -13,7 +13,8 @@ the package reads the environment for its configuration; each consumer receives 
   (``aws_lambda.secrets``): the routes, and SnapStart's after-restore hook, which re-reads the store;
 - ``url`` (:class:`UrlSettings`): ``CLIP_ALLOW_URL_INPUT``, ``CLIP_ALLOW_HTTP_URLS``, ``CLIP_URL_*``: the
   image loader;
-- ``engine`` (:class:`EngineSettings`): ``CLIP_NUM_THREADS``, ``CLIP_MAX_IMAGE_PIXELS``: ``ClipService`` and
+- ``engine`` (:class:`EngineSettings`): ``CLIP_NUM_THREADS``, ``CLIP_ORT_SPINNING``, ``CLIP_ORT_CPU_MEM_ARENA``,
+  ``CLIP_ORT_MEM_PATTERN`` (unset: the endpoint's default), ``CLIP_MAX_IMAGE_PIXELS``: ``ClipService`` and
   its encoders;
 - ``text_function`` (:class:`TextFunctionSettings`): ``CLIP_TEXT_FUNCTION``, ``CLIP_TEXT_FUNCTION_TIMEOUT``;
 - ``image_function`` (:class:`ImageFunctionSettings`): ``CLIP_IMAGE_FUNCTION``, ``CLIP_IMAGE_FUNCTION_TIMEOUT``;
@@ -112,11 +113,21 @@ class UrlSettings:
         )
 
 
+def env_optional_bool(name: str, environ: Environ | None = None) -> bool | None:
+    """``name`` as a bool, or None when it is unset (the endpoint's default applies)."""
+    return env_bool(name, False, environ) if env_str(name, None, environ) else None
+
+
 def engine_from_env(environ: Environ | None = None) -> EngineSettings:
-    """:class:`EngineSettings` from ``CLIP_NUM_THREADS`` (unset: every vCPU) and ``CLIP_MAX_IMAGE_PIXELS``."""
+    """:class:`EngineSettings` from ``CLIP_NUM_THREADS``, ``CLIP_ORT_SPINNING``, ``CLIP_ORT_CPU_MEM_ARENA``,
+    ``CLIP_ORT_MEM_PATTERN`` (each unset: None, the endpoint's default, ``api.endpoints``) and
+    ``CLIP_MAX_IMAGE_PIXELS``."""
     threads = env_int("CLIP_NUM_THREADS", 1, environ=environ) if env_str("CLIP_NUM_THREADS", None, environ) else None
     default_pixels = EngineSettings().max_image_pixels
     return EngineSettings(threads=threads,
+                          spinning=env_optional_bool("CLIP_ORT_SPINNING", environ),
+                          cpu_mem_arena=env_optional_bool("CLIP_ORT_CPU_MEM_ARENA", environ),
+                          mem_pattern=env_optional_bool("CLIP_ORT_MEM_PATTERN", environ),
                           max_image_pixels=env_int("CLIP_MAX_IMAGE_PIXELS", default_pixels, environ=environ))
 
 
@@ -159,12 +170,16 @@ class LambdaSettings:
     # In a Lambda execution environment (the runtime sets AWS_LAMBDA_FUNCTION_NAME; so do the local runners),
     # where this process is the function's own: its entry may change process-wide state (entry.skip_pydantic_v1).
     in_lambda: bool = False
+    # The function's memory size (AWS_LAMBDA_FUNCTION_MEMORY_SIZE, set by the runtime): its CPU share follows.
+    memory_mb: int | None = None
 
     @classmethod
     def from_env(cls, environ: Environ | None = None) -> LambdaSettings:
+        memory = env_str("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", None, environ)
         return cls(preload=_towers("CLIP_PRELOAD", environ),
                    base_path=env_str("CLIP_BASE_PATH", "/", environ) or "/",
-                   in_lambda=bool(env_str("AWS_LAMBDA_FUNCTION_NAME", None, environ)))
+                   in_lambda=bool(env_str("AWS_LAMBDA_FUNCTION_NAME", None, environ)),
+                   memory_mb=env_int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0, environ=environ) if memory else None)
 
 
 def _towers(name: str, environ: Environ | None) -> tuple[Tower, ...] | None:

@@ -97,8 +97,8 @@ class EndpointSpec:
     invokes: Invoked | None = None  # the other modality's vectors, from another function
     lends: Tower | None = None  # the tower whose vectors it gives other functions' direct invocations
     site: bool = False  # on API Gateway, also GET /, /healthz and /info
-    # How its function's ONNX Runtime sessions run, unless CLIP_NUM_THREADS / CLIP_ORT_* say otherwise
-    # (chosen from bench/bench_engine_settings.py at Lambda's CPU share).
+    # How its function's ONNX Runtime sessions run, unless CLIP_NUM_THREADS / CLIP_ORT_* say otherwise; below
+    # one vCPU's worth of memory the entry makes it one thread without spinning (entry.engine_defaults).
     engine: SessionTuning = field(default_factory=SessionTuning)
 
     @property
@@ -117,25 +117,34 @@ class EndpointSpec:
         return own + (SITE_ROUTES if self.site else ())
 
 
+# ONNX Runtime's session settings from one vCPU's worth of memory up (bench/bench_engine_settings.py, warm
+# requests of the built functions under 2,048 MB's CPU share): spinning workers answer the ops of a run sooner
+# (embed_image 32-36 vs 38 ms, embed_text 12.5-13.6 vs 17), as long as nothing else in the process wants the
+# CPU meanwhile. compare runs its image while another thread calls embed_text and reads the answer: spinning
+# there cost 48-50 ms against 39-44. Threads: every vCPU the function sees (2); memory arena and patterns:
+# ONNX Runtime's own (switching either off changed nothing measurable).
+ALONE = SessionTuning(spinning=True)  # the session's runs have the CPU to themselves
+BESIDE_A_CALL = SessionTuning(spinning=False)  # another thread works during the session's runs
+
 REGISTRY: tuple[EndpointSpec, ...] = (
     EndpointSpec(
         name="embed_image", function="EmbedImageFunction", api="roboflow",
         summary="CLIP image embeddings (Roboflow Inference's API); image vectors for other functions",
         routes=(Route("POST", "/clip/embed_image", "embed_image", "ClipImageEmbeddingRequest", "ClipEmbeddingResponse",
                       "CLIP Image Embeddings", "Run the OpenAI CLIP model to embed image data."),),
-        towers=("visual",), cache=("image",), lends="visual"),
+        towers=("visual",), cache=("image",), lends="visual", engine=ALONE),
     EndpointSpec(
         name="embed_text", function="EmbedTextFunction", api="roboflow",
         summary="CLIP text embeddings (Roboflow Inference's API); text vectors for other functions",
         routes=(Route("POST", "/clip/embed_text", "embed_text", "ClipTextEmbeddingRequest", "ClipEmbeddingResponse",
                       "CLIP Text Embeddings", "Run the OpenAI CLIP model to embed text data."),),
-        towers=("textual",), cache=("text",), lends="textual", site=True),
+        towers=("textual",), cache=("text",), lends="textual", site=True, engine=ALONE),
     EndpointSpec(
         name="compare", function="CompareFunction", api="roboflow",
         summary="CLIP similarity of a subject and prompts (Roboflow Inference's API)",
         routes=(Route("POST", "/clip/compare", "compare", "ClipCompareRequest", "ClipCompareResponse",
                       "CLIP Compare", "Run the OpenAI CLIP model to compute similarity scores."),),
-        towers=("visual",), cache=("image", "text"), invokes=Invoked("textual", "embed_text")),
+        towers=("visual",), cache=("image", "text"), invokes=Invoked("textual", "embed_text"), engine=BESIDE_A_CALL),
     EndpointSpec(
         name="embeddings", function="EmbeddingsFunction", api="openai",
         summary="OpenAI's embeddings API: text, and images with \"modality\": \"image\"",
@@ -144,7 +153,7 @@ REGISTRY: tuple[EndpointSpec, ...] = (
                       "L2-normalised CLIP embeddings of texts, or of images with `\"modality\": \"image\"`."),
                 Route("GET", "/v1/models", "models", None, "OpenAIModelList", "Models (OpenAI's API)",
                       "The model this deployment serves.")),
-        towers=("textual",), cache=("text",), invokes=Invoked("visual", "embed_image")),
+        towers=("textual",), cache=("text",), invokes=Invoked("visual", "embed_image"), engine=ALONE),
 )
 
 ENDPOINTS: tuple[EndpointName, ...] = tuple(spec.name for spec in REGISTRY)

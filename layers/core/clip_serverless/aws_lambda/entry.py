@@ -17,10 +17,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..api.endpoints import REGISTRY
+from ..api.endpoints import REGISTRY, EndpointSpec
 from ..api.endpoints import endpoint as endpoint_spec
+from ..engine import SessionTuning
 from ..service import ClipService
 from ..settings import Settings
 from ..types import Tower
@@ -58,6 +60,19 @@ WARM_UP_EVENT: dict[str, Any] = {
 }
 
 
+ONE_VCPU_MB = 1769  # AWS: at 1,769 MB a function has the equivalent of one vCPU; CPU is proportional to memory
+
+
+def engine_defaults(spec: EndpointSpec, memory_mb: int | None) -> SessionTuning:
+    """The session tuning ``spec``'s function runs with at ``memory_mb``: the registry's, except below one vCPU's
+    worth of CPU, where a second thread, let alone a spinning one, only burns the quota (embed_image at 1,024 MB:
+    56 ms with one thread, 61 with two, 106 with two spinning; bench/bench_engine_settings.py). At one vCPU
+    (1,769 MB) it is a wash: embed_image 39 ms with one thread, 43 with two spinning; embed_text 15 and 14."""
+    if memory_mb is not None and memory_mb < ONE_VCPU_MB:
+        return replace(spec.engine, threads=1, spinning=False)
+    return spec.engine
+
+
 def skip_pydantic_v1() -> None:
     """Keep ``pydantic.v1`` (~20 ms of import) out of a function: FastAPI imports it as it registers each route,
     only to refuse pydantic v1 models, of which this package has none, and takes an ImportError for "no v1"
@@ -80,7 +95,8 @@ def _handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     started = time.perf_counter()
     spec = endpoint_spec(endpoint)  # a KeyError naming the registry's endpoints for any other name
     settings = Settings.from_env(key_in_background=True)  # the key store's round trip overlaps the rest of init
-    service = ClipService.from_settings(settings, engine=settings.engine.with_defaults(spec.engine))
+    engine = settings.engine.with_defaults(engine_defaults(spec, settings.aws_lambda.memory_mb))
+    service = ClipService.from_settings(settings, engine=engine)
     towers = preload_for(endpoint, settings.aws_lambda.preload)
     loading = service.start_preload(towers)  # sessions load in threads while FastAPI imports below
     if settings.aws_lambda.in_lambda:  # not in a test process that runs a function's module beside other code
