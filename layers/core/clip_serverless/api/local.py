@@ -11,7 +11,6 @@ from urllib.parse import unquote_plus
 
 from ..aws_lambda.secrets import ApiKeyUnavailable
 from ..engine import SessionTuning
-from ..engine.encoder import share_one_thread_pool
 from ..service import ClipService, ModelDirError
 from ..settings import Settings, SettingsError
 
@@ -19,10 +18,9 @@ EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --a
                "--out build/models/ViT-B-32 --int8   (needs internet)")
 
 
-# Both towers run in this one process: each session's own spinning workers would fight the other's, so the
-# sessions share one spinning pool instead (engine.encoder.share_one_thread_pool; ViT-B/32 int8 image 20.7 vs
-# 24.2 ms without spinning). CLIP_ORT_SPINNING=false gives each session its own pool without spinning (what
-# LOCAL_ENGINE says then), for a machine whose CPUs other work needs; CLIP_NUM_THREADS sizes either.
+# Both towers run in this one process, and uvicorn may run an image and a text request at once: no spinning
+# (the other session's threads and the request threads would fight the spinners). bench/bench_engine_settings.py
+# measures the choice; CLIP_NUM_THREADS and CLIP_ORT_* override it.
 LOCAL_ENGINE = SessionTuning(spinning=False)
 
 
@@ -95,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         from .app import build
 
         settings = Settings.from_env()  # every variable, checked before anything loads
-        if settings.engine.spinning is not False:  # both towers on one spinning pool (LOCAL_ENGINE's comment)
-            share_one_thread_pool(settings.engine.threads)  # process-wide: here, never in a library call
         app = build(settings, service=local_service(settings))
     except (ModelDirError, SettingsError, ApiKeyUnavailable) as exc:
         print(f"clip-serverless: cannot start: {exc}", file=sys.stderr)

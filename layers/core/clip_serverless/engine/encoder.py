@@ -31,28 +31,6 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# Intra-op threads of the process-wide pool every session shares, once share_one_thread_pool made it.
-_SHARED_POOL: list[int] = []
-
-
-def share_one_thread_pool(threads: int | None = None) -> int:
-    """Run every session created from now on on one process-wide intra-op pool of spinning workers.
-
-    For a process that runs both towers one request after another (the local server): each session's own
-    spinning workers would fight the other session's (an image run after a text run measured 1.7-2.2x
-    slower), while without spinning every op of a run waits for its workers to wake up (ViT-B/32 int8 image
-    24.2 vs 20.7 ms). One shared pool spins and has no rival. Call it before the first session exists: ONNX
-    Runtime creates its environment, and the pool with it, once per process. Returns the pool's threads.
-    """
-    import onnxruntime as ort
-
-    if not _SHARED_POOL:
-        count = threads or available_cpus()
-        ort.set_global_thread_pool_sizes(count, 1)
-        _SHARED_POOL.append(count)
-    return _SHARED_POOL[0]
-
-
 def resolve(tuning: SessionTuning) -> SessionTuning:
     """``tuning`` with each knob left ``None`` at the engine's default: every vCPU this process may run on, no
     spinning, ONNX Runtime's memory arena and patterns on."""
@@ -66,11 +44,8 @@ def session_options(tuning: SessionTuning) -> ort.SessionOptions:
 
     tuning = resolve(tuning)
     options = ort.SessionOptions()
-    if _SHARED_POOL:  # the process-wide pool (share_one_thread_pool): its size and spinning apply
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = tuning.threads or 1
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = tuning.threads or 1
+    options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers are noise in Lambda logs
