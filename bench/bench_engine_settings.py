@@ -152,13 +152,10 @@ def local_server_times(setting: Setting, requests: int) -> dict[str, list[float]
 
 def local_server_child(setting: Setting, requests: int) -> dict[str, list[float]]:
     from clip_serverless.api.local import local_service
-    from clip_serverless.engine.encoder import share_one_thread_pool
     from clip_serverless.settings import Settings
 
     settings = Settings.from_env({"CLIP_MODEL_DIR": str(INT8), "CLIP_CACHE": "off", **setting.env()})
-    if settings.engine.spinning is not False:  # as api.local.main: both towers on one spinning pool
-        share_one_thread_pool(settings.engine.threads)
-    service = local_service(settings)
+    service = local_service(settings)  # as api.local.main: a pool per session
     service.preload(("visual", "textual"))
     image = base64.b64decode(json.loads(base64.b64decode(event("embed_image")["body"]))["image"]["value"])
     texts = json.loads(base64.b64decode(event("embed_text")["body"]))["text"]
