@@ -271,7 +271,7 @@ def test_a_function_imports_only_precompiled_modules_and_no_boto3_at_init(built:
     assert probe["without_pyc"] == []
     modules = set(probe["modules"])
     assert "boto3" not in modules  # botocore alone (clip_serverless.aws_clients), where a client is needed
-    assert "pydantic.v1" not in modules  # FastAPI's check for v1 models, skipped (entry.skip_pydantic_v1)
+    assert "pydantic.v1" not in modules  # FastAPI's check for v1 models, skipped (entry.without_pydantic_v1)
     assert {"clip_serverless.api.app", "fastapi", "mangum"} <= modules  # FastAPI and Mangum still serve
 
 

@@ -291,3 +291,18 @@ def test_embed_image_function_never_loads_the_text_tower(tiny_model_path: Path) 
 
 def test_compare_function_loads_both_towers_at_init(tiny_model_path: Path) -> None:
     assert _probe("compare", tiny_model_path)["loaded"] == ["visual", "textual"]
+
+
+def test_init_keeps_pydantic_v1_out_and_leaves_it_importable(tiny_model_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.environ.update(CLIP_MODEL_DIR={str(tiny_model_path)!r}, CLIP_CACHE="off", AWS_LAMBDA_FUNCTION_NAME="f")
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.handlers import load_function
+        load_function("embed_text")
+        assert "pydantic.v1" not in sys.modules, "imported, or left blocked"
+        import pydantic.v1  # whatever else in the process needs v1 still finds it
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr

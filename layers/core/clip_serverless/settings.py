@@ -168,7 +168,7 @@ class LambdaSettings:
     preload: tuple[Tower, ...] | None = None
     base_path: str = "/"  # CLIP_BASE_PATH: an API Gateway stage or mapping prefix Mangum strips from paths
     # In a Lambda execution environment (the runtime sets AWS_LAMBDA_FUNCTION_NAME; so do the local runners),
-    # where this process is the function's own: its entry may change process-wide state (entry.skip_pydantic_v1).
+    # where this process is the function's own: its entry may change process-wide state (gc.freeze).
     in_lambda: bool = False
     # The function's memory size (AWS_LAMBDA_FUNCTION_MEMORY_SIZE, set by the runtime): its CPU share follows.
     memory_mb: int | None = None

@@ -16,7 +16,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +74,22 @@ def engine_defaults(spec: EndpointSpec, memory_mb: int | None) -> SessionTuning:
     return spec.engine
 
 
-def skip_pydantic_v1() -> None:
-    """Keep ``pydantic.v1`` (~20 ms of import) out of a function: FastAPI imports it as it registers each route,
-    only to refuse pydantic v1 models, of which this package has none, and takes an ImportError for "no v1"
-    (``fastapi/_compat/shared.py``). A ``None`` in ``sys.modules`` makes that import fail at once."""
-    sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
+@contextmanager
+def without_pydantic_v1() -> Iterator[None]:
+    """Keep ``pydantic.v1`` (~20 ms of import) out of init: FastAPI imports it as it registers each route, and as
+    it encodes a plain value, only to tell v1 models apart, of which this package has none, and takes an
+    ImportError for "no v1" (``fastapi/_compat/shared.py``). A ``None`` in ``sys.modules`` makes that import
+    fail at once; it is removed again on the way out, so the process is left as it was (a later 422 or
+    ``/healthz`` answer imports v1 then, once), and nothing else that imports v1 ever finds it missing."""
+    if "pydantic.v1" in sys.modules:  # already imported (or blocked by someone else): nothing to save
+        yield
+        return
+    sys.modules["pydantic.v1"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "pydantic.v1" in sys.modules and sys.modules["pydantic.v1"] is None:
+            del sys.modules["pydantic.v1"]
 
 
 def handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
@@ -99,15 +111,14 @@ def _handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     service = ClipService.from_settings(settings, engine=engine)
     towers = preload_for(endpoint, settings.aws_lambda.preload)
     loading = service.start_preload(towers)  # sessions load in threads while FastAPI imports below
-    if settings.aws_lambda.in_lambda:  # not in a test process that runs a function's module beside other code
-        skip_pydantic_v1()
     from mangum import Mangum
 
     from ..api.app import build
     from .after_response import after_response, install
     from .metrics import emf_observer
 
-    app = build(settings, endpoints=(endpoint,), service=service)
+    with without_pydantic_v1():
+        app = build(settings, endpoints=(endpoint,), service=service)
     app_built = time.perf_counter()
     for remote in app.state.remote_towers if towers else ():  # other functions' towers: their Lambda clients
         remote.load()
@@ -121,7 +132,8 @@ def _handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     # lifespan="off": with "auto" Mangum runs ASGI startup on every invocation.
     handler: Callable[[Any, Any], dict[str, Any]] = Mangum(
         app, lifespan="off", api_gateway_base_path=settings.aws_lambda.base_path)
-    handler(WARM_UP_EVENT, None)
+    with without_pydantic_v1():
+        handler(WARM_UP_EVENT, None)
     if spec.lends is not None:  # other functions' direct invocations for this tower's vectors
         handler = ServingTower(app, handler, service, spec.lends, max_images=settings.max_batch_size)
     # SnapStart: what init created and a restore makes stale (clients, random state, the key) is renewed.
