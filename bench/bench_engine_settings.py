@@ -15,10 +15,9 @@ compare and embeddings call embed_text and embed_image through a local Invoke AP
 with their defaults, so the rows of compare and embeddings include that call.
 
 **Local server** (``make serve``: all towers in one process, and uvicorn may run requests concurrently): the
-local server's service with both towers (``default``: as ``make serve`` starts it, both sessions on one
-process-wide spinning pool; the other rows, sessions with their own pools), unrestricted, in a child
-process each; an image client and a text client run at the same time (one thread each, back to back), then
-each alone.
+local server's service with both towers (``default``: as ``make serve`` starts it, api/local.py's
+LOCAL_ENGINE), unrestricted, in a child process each; an image client and a text client run at the same
+time (one thread each, back to back), then each alone.
 
 For one function, every (setting, memory size) cell has its own environment, all started together, and each
 request goes to every cell in turn, in a new random order, so the machine's load weighs on all cells alike
@@ -143,7 +142,7 @@ def function_times(built: BuiltApp, endpoint: str, settings: list[Setting], memo
 # -- the local server: both towers in one process ---------------------------------------------------------
 def local_server_times(setting: Setting, requests: int) -> dict[str, list[float]]:
     """Seconds per image and per text embedding, the two running concurrently, then each alone: in a child
-    process (ONNX Runtime's thread pools are process-wide once made), configured as ``make serve`` is."""
+    process per setting, configured as ``make serve`` is."""
     done = subprocess.run([sys.executable, __file__, "--local-child", setting.name, "--requests", str(requests)],
                           capture_output=True, text=True, check=True, timeout=600)
     times: dict[str, list[float]] = json.loads(done.stdout.strip().splitlines()[-1])
