@@ -24,7 +24,7 @@ CLIP_MODEL_SRC ?= models/clip-tiny
 FUNCTION ?= EmbedTextFunction
 EVENT ?= events/embed_text.http-api.json
 
-.PHONY: help serve test test-fast check lint bench bench-cold-start bench-cost bench-memory bench-roboflow models-b32 setup setup-test setup-dev clean \
+.PHONY: help serve test test-fast check lint bench bench-cold-start bench-cost bench-memory bench-roboflow bench-engine bench-imports models-b32 setup setup-test setup-dev clean \
 	sam-setup sam-validate sam-build sam-deploy sam-invoke sam-sizes
 
 help: ## list the targets
@@ -148,8 +148,14 @@ sam-invoke: $(VENV)/.dev ## run a built function without Docker (FUNCTION=, EVEN
 sam-sizes: $(VENV)/.dev ## each built function + its layers against Lambda's 250 MiB
 	PYTHONPATH=infra $(PY) -m lambda_runtime sizes
 
-bench-cold-start: models-b32 sam-setup ## cold start of the built functions vs a naive PyTorch handler
-	$(PY) bench/bench_cold_start.py
+bench-cold-start: models-b32 sam-setup ## cold start of the built functions, two ways (BASELINE=<git ref> to compare)
+	$(PY) bench/bench_cold_start.py $(if $(BASELINE),--baseline $(BASELINE))
+
+bench-engine: models-b32 sam-setup ## ONNX Runtime settings per function at Lambda's CPU share (root, cgroup v1)
+	$(PY) bench/bench_engine_settings.py
+
+bench-imports: models-b32 sam-setup ## what each built function imports at init, per package (BASELINE=<git ref>)
+	$(PY) bench/bench_imports.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Needs root for CPU cgroups (Lambda's CPU share of each memory size); writes build/bench-lambda/*.json.
 bench-cost: models-b32 sam-setup ## $ per million requests per function and memory size, under Lambda's CPU share
