@@ -35,24 +35,22 @@ This machine must have at least as many cores as Lambda shows vCPUs, and the sha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
+
+from cpu_share import CGROUP_CPU, check_available
+from cpu_share import DEFAULT_PERIOD_US as DEFAULT_PERIOD_US
+from cpu_share import CgroupUnavailable as CgroupUnavailable
+from cpu_share import CpuShare as VcpuShare
 
 ONE_VCPU_MB = 1769  # AWS: one vCPU-second of credits per second at 1,769 MB
 MIN_MEMORY_MB, MAX_MEMORY_MB = 128, 10_240
 # (largest memory size in MB, vCPUs visible up to it): measured on Lambda, see the module docstring.
 VISIBLE_VCPUS: tuple[tuple[int, int], ...] = ((3008, 2), (5307, 3), (7076, 4), (8845, 5), (10_240, 6))
-DEFAULT_PERIOD_US = 20_000
-CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
-
-
-class CgroupUnavailable(RuntimeError):
-    """The cgroup v1 CPU controller cannot be used here (not mounted, not writable, not root)."""
+CGROUP_CPU_ROOT = CGROUP_CPU
 
 
 def vcpu_share(memory_mb: int) -> float:
@@ -74,13 +72,7 @@ def _check_memory(memory_mb: int) -> None:
 
 def check_cgroup(root: Path = CGROUP_CPU_ROOT) -> None:
     """Raise :class:`CgroupUnavailable` with what is missing, unless a CPU cgroup can be made under ``root``."""
-    hint = ("the CPU-share emulation needs root and the cgroup v1 cpu controller mounted writable at "
-            f"{root} (cpu.cfs_period_us, cpu.cfs_quota_us); ")
-    if not (root / "cpu.cfs_quota_us").exists():
-        raise CgroupUnavailable(hint + f"{root}/cpu.cfs_quota_us does not exist (cgroup v2 only, or no cpu "
-                                "controller: not supported by this script)")
-    if not os.access(root, os.W_OK):
-        raise CgroupUnavailable(hint + f"{root} is not writable by uid {os.getuid()}")
+    check_available(root)
 
 
 def thread_ids(pid: int) -> list[int]:
@@ -90,85 +82,30 @@ def thread_ids(pid: int) -> list[int]:
         return []
 
 
-class CpuShare:
-    """A CPU cgroup with Lambda's share of ``memory_mb``; :meth:`add` puts a process (and its threads) in it.
-
-    A context manager: leaving it moves any process still inside back to the parent group and removes
-    the group.
-    """
+class CpuShare(VcpuShare):
+    """The CPU cgroup (``cpu_share.CpuShare``) of a Lambda function of ``memory_mb``: its vCPU share over the
+    vCPUs such a function sees; ``name`` names the group (one left by a killed run is reported, not reused)."""
 
     def __init__(self, memory_mb: int, *, period_us: int = DEFAULT_PERIOD_US, name: str | None = None,
                  root: Path = CGROUP_CPU_ROOT) -> None:
         self.memory_mb = memory_mb
         self.share = vcpu_share(memory_mb)
-        self.vcpus = visible_vcpus(memory_mb)
-        self.period_us = period_us
-        self.quota_us = round(self.share * period_us)
-        if not 1_000 <= period_us <= 1_000_000:
-            raise ValueError(f"cfs_period_us must be 1,000-1,000,000, got {period_us}")
-        if self.quota_us < 1_000:
-            raise ValueError(f"quota {self.quota_us} us is below the kernel's 1 ms minimum: use a longer period")
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) < self.vcpus:
-            raise ValueError(f"{memory_mb} MB shows {self.vcpus} vCPUs on Lambda; this process may use "
-                             f"{len(cores)} core(s)")
-        if self.share > len(cores):
-            raise ValueError(f"{memory_mb} MB is {self.share:.2f} vCPUs; this machine has {len(cores)} core(s)")
-        self.cpus = set(cores[: self.vcpus])
-        self.root = root
-        self.path = root / (name or f"clip-bench-{os.getpid()}-{memory_mb}mb")
-        self._created = False
+        super().__init__(self.share, cpus=visible_vcpus(memory_mb), period_us=period_us, root=root)
+        if name is not None:
+            self.path = root / name
 
     def __enter__(self) -> CpuShare:
-        check_cgroup(self.root)
-        try:
-            self.path.mkdir()
-        except FileExistsError:
-            raise CgroupUnavailable(f"{self.path} exists (left over by a killed run?): rmdir it") from None
-        self._created = True
-        # The kernel rejects a period shorter than the quota already set; -1 (no limit) is the default.
-        (self.path / "cpu.cfs_period_us").write_text(str(self.period_us))
-        (self.path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
-        burst = self.path / "cpu.cfs_burst_us"
-        if burst.exists():
-            burst.write_text("0")  # no carry-over of unused quota between periods
+        if self.path.exists():
+            raise CgroupUnavailable(f"{self.path} exists (left over by a killed run?): rmdir it")
+        super().__enter__()
         return self
-
-    def add(self, pid: int) -> None:
-        """Move process ``pid`` with all its threads into the group and pin each thread to the visible vCPUs."""
-        if not self._created:
-            raise RuntimeError("CpuShare.add outside its with-block")
-        (self.path / "cgroup.procs").write_text(str(pid))
-        for tid in thread_ids(pid):
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setaffinity(tid, self.cpus)
 
     def stats(self) -> dict[str, int]:
         """``cpu.stat``: nr_periods, nr_throttled, throttled_time (ns), ..."""
-        out = {}
-        for line in (self.path / "cpu.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            out[key] = int(value)
-        return out
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if not self._created:
-            return
-        for _ in range(50):  # a process that is exiting may linger a moment
-            pids = (self.path / "cgroup.procs").read_text().split()
-            for pid in pids:
-                with contextlib.suppress(OSError):  # ProcessLookupError: it ended meanwhile
-                    (self.root / "cgroup.procs").write_text(pid)
-            try:
-                self.path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        self._created = False
+        return self.throttled()
 
     def __repr__(self) -> str:
-        return (f"CpuShare({self.memory_mb} MB: {self.share:.2f} vCPU over {self.vcpus} visible, "
+        return (f"CpuShare({self.memory_mb} MB: {self.share:.2f} vCPU over {len(self.cores)} visible, "
                 f"quota {self.quota_us}/{self.period_us} us)")
 
 
@@ -181,7 +118,7 @@ def measure_share(memory_mb: int, seconds: float = 1.0, period_us: int = DEFAULT
     with CpuShare(memory_mb, period_us=period_us) as share:
         start = time.perf_counter()
         procs = []
-        for _ in range(share.vcpus):
+        for _ in range(len(share.cores)):
             proc = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)])
             share.add(proc.pid)
             procs.append(proc)
