@@ -9,6 +9,9 @@ import gzip
 import importlib.util
 import json
 import re
+import subprocess
+import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +25,7 @@ from clip_serverless.engine import tokenizer as tokenizer_module
 from clip_serverless.engine.tokenizer import EOT_ID, SOT_ID, ClipTokenizer, clean_text
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-from tests.tokenizer_cases import all_cases
+from tests.tokenizer_cases import all_cases, near_ascii_cases
 
 CONTEXT = 77
 MIN_CASES = 5000
@@ -184,6 +187,79 @@ def test_clean_text_is_openais(corpus: list[str], reference_module: ModuleType) 
     texts = corpus[:1500]
     different = [t for t in texts if clean_text(t) != ref.whitespace_clean(ref.basic_clean(t)).lower()]
     assert different == []
+
+
+# ftfy 6's fixers with the default configuration (TextFixerConfig), each checked below on the characters
+# for which clean_text skips ftfy; a new fixer in a later ftfy fails the first test until it is checked too.
+FTFY_STEPS = {
+    "unescape_html", "remove_terminal_escapes", "fix_encoding", "restore_byte_a0", "replace_lossy_sequences",
+    "decode_inconsistent_utf8", "fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
+    "fix_line_breaks", "fix_surrogates", "remove_control_chars", "normalization", "max_decode_length", "explain",
+}
+
+
+def test_every_ftfy_fixer_leaves_the_skipped_characters_alone() -> None:
+    """Each step of ``ftfy.fix_text`` returns unchanged a text of the characters ``needs_ftfy`` lets through:
+    printable ASCII but "&", tab and line feed (all of them at once, and each next to itself and "<")."""
+    import ftfy
+    from ftfy import chardata
+
+    assert set(ftfy.TextFixerConfig._fields) == FTFY_STEPS
+    characters = (chr(cp) for cp in range(MAX_CODE_POINT + 1) if not 0xD800 <= cp < 0xE000)
+    skipped = [c for c in characters if not tokenizer_module.needs_ftfy(c)]
+    assert skipped == sorted(["\t", "\n", *(chr(cp) for cp in range(0x20, 0x7F) if chr(cp) != "&")])
+    texts = ["".join(skipped), "".join(skipped[::-1]), *(c + c + "<" + c for c in skipped)]
+    for text in texts:
+        assert not tokenizer_module.needs_ftfy(text)
+        for name, fixer in ftfy.FIXERS.items():
+            if name in ("restore_byte_a0", "replace_lossy_sequences"):  # on bytes, inside fix_encoding only
+                assert fixer(text.encode("ascii")) == text.encode("ascii"), name
+            else:
+                assert fixer(text) == text, name
+        assert ftfy.fix_encoding(text) == text
+        assert chardata.possible_encoding(text, "ascii")  # fix_encoding's first test: ASCII is never mojibake
+        assert unicodedata.normalize("NFC", text) == text
+        assert ftfy.fix_text(text) == text
+    for table in (chardata.LIGATURES, chardata.WIDTH_MAP, chardata.CONTROL_CHARS):
+        assert not {ord(c) for c in skipped} & set(table)
+
+
+def test_clean_text_skips_ftfy_only_where_it_changes_nothing(reference_module: ModuleType) -> None:
+    """On every pair of ASCII characters and 20,000 random near-ASCII texts (entities, markup, CR, terminal
+    escapes, controls): ``ftfy.fix_text`` is the identity wherever ``needs_ftfy`` is False, and ``clean_text``
+    is OpenAI's everywhere."""
+    import ftfy
+
+    ref = reference_module
+    texts = near_ascii_cases(20_000)
+    skipped = [t for t in texts if not tokenizer_module.needs_ftfy(t)]
+    assert 10_000 < len(skipped) < len(texts) - 10_000  # both paths well exercised
+    assert [t for t in skipped if ftfy.fix_text(t) != t] == []
+    assert [t for t in texts if clean_text(t) != ref.whitespace_clean(ref.basic_clean(t)).lower()] == []
+    for odd in ("&", "\r", "\x1b", "\x00", "\x0b", "\x0c", "\x7f", "\x85", "\xa0", "\u2028", "\uff2c"):
+        assert tokenizer_module.needs_ftfy(f"a photo{odd}of a cat")
+
+
+def test_token_ids_match_openai_on_near_ascii_texts(clip_tokenizer: ClipTokenizer, reference: Any) -> None:
+    texts = near_ascii_cases(3_000)[-3_000:]
+    rows = [[SOT_ID, *reference.encode(text), EOT_ID] for text in texts]
+    different = mismatches(clip_tokenizer, texts, rows)
+    assert different == [], f"{len(different)} of {len(texts)} differ, e.g.\n" + "\n".join(different[:5])
+
+
+def test_plain_ascii_texts_never_import_ftfy(tokenizer_path: Path) -> None:
+    """Loading the tokenizer and encoding ASCII captions leaves ftfy (and wcwidth) unimported; the first text
+    that needs it imports it."""
+    code = (
+        "import sys\n"
+        "from clip_serverless.engine.tokenizer import ClipTokenizer\n"
+        f"tok = ClipTokenizer.from_file({str(tokenizer_path)!r})\n"
+        "tok.encode(['a photo of a red circle.', 'A <b>bold</b> \"dog\"\\n\\ton a mat!'])\n"
+        "assert 'ftfy' not in sys.modules and 'wcwidth' not in sys.modules, 'ftfy imported'\n"
+        "tok.encode(['caf\\u00e9 &amp; cr\\u00e8me'])\n"
+        "assert 'ftfy' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
 
 
 def test_build_uses_openais_pattern(reference: Any) -> None:

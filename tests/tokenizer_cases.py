@@ -429,3 +429,38 @@ def generated_cases(count: int, seed: int = 20240217) -> list[str]:
 def all_cases(generated: int = 5000) -> list[str]:
     """The curated cases, each script sample, then ``generated`` seeded random texts."""
     return [*CURATED, *SCRIPTS.values(), *generated_cases(generated)]
+
+
+# ---------------------------------------------------------------- near-ASCII texts (clean_text's ftfy skip)
+
+PRINTABLE_ASCII = (*(chr(cp) for cp in range(0x20, 0x7F)), "\t", "\n")
+# What ftfy's fixers act on, at or near ASCII: entities (with and without ";", upper case, numeric), markup,
+# line breaks, terminal escapes, C0 and C1 controls, and a few non-ASCII characters it rewrites.
+ASCII_ODDITIES = (
+    "&", "&amp;", "&AMP;", "&amp", "&lt;", "&gt;", "&#39;", "&#x41;", "&#65", "&quot;", "&nbsp;", "&eacute;",
+    "&EACUTE;", "&copy", "&not that", "&#x2019;", "&hellip;", "<", ">", "<b>", "</p>", "\r\n", "\r", "\n\r",
+    "\x1b[31m", "\x1b[0m", "\x1b[1;32m", "\x1b", "\x1b]", "\x00", "\x07", "\x08", "\x0b", "\x0c", "\x0e",
+    "\x1f", "\x7f", "\x80", "\x85", "\x9d", "\xa0", "\u2028", "\u2029", "\ufeff", "Ã©", "â€™", "ï¬",
+    "\ufb01", "\uff2c", "\u3000", "\u201c", "\u2019", "e\u0301", "  ",
+)
+
+
+def near_ascii_text(rng: random.Random) -> str:
+    """Runs of printable ASCII (tab and line feed included), words, and now and then one of ``ASCII_ODDITIES``."""
+    parts = []
+    for _ in range(rng.randrange(0, 14)):
+        roll = rng.random()
+        if roll < 0.55:
+            parts.append("".join(rng.choices(PRINTABLE_ASCII, k=rng.randrange(1, 9))))
+        elif roll < 0.85:
+            parts.append(random_word(rng).encode("ascii", errors="ignore").decode() + rng.choice((" ", "", "\n")))
+        else:
+            parts.append(rng.choice(ASCII_ODDITIES))
+    return "".join(parts)
+
+
+def near_ascii_cases(count: int, seed: int = 20261201) -> list[str]:
+    """Every pair of ASCII characters (C0 controls and DEL included), then ``count`` seeded random texts."""
+    rng = random.Random(seed)
+    pairs = [chr(a) + chr(b) for a in range(0x80) for b in range(0x80)]
+    return [*pairs, *(near_ascii_text(rng) for _ in range(count))]

@@ -19,9 +19,9 @@ The text tower pools at the *first* EOT (OpenAI: ``text.argmax(dim=-1)``, 49407 
 literal ``<|endoftext|>`` ends the caption as far as the model is concerned; ``TokenBatch.lengths`` is that
 position + 1, and ``ids[:, :lengths.max()]`` gives the same embeddings as the full row (the tower is causal).
 
-Importing this module is cheap (numpy aside); ``ClipTokenizer.from_file`` imports ``tokenizers`` and ``ftfy``
-and parses the JSON (0.15-0.3 s in all), so the cost lands in a Lambda function's init phase rather than in
-its first request.
+Importing this module is cheap (numpy aside); ``ClipTokenizer.from_file`` imports ``tokenizers`` and parses
+the JSON (~0.1 s), so the cost lands in a Lambda function's init phase rather than in its first request.
+``ftfy`` is imported by the first text it could change (``needs_ftfy``): plain ASCII captions never need it.
 """
 
 from __future__ import annotations
@@ -54,11 +54,30 @@ WHITESPACE_CLASS = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202
 _WHITESPACE_RUN = re.compile(WHITESPACE_CLASS + "+")
 
 
-def clean_text(text: str) -> str:
-    """OpenAI's ``whitespace_clean(basic_clean(text)).lower()``, step for step."""
-    import ftfy  # imported on first use (ClipTokenizer.from_file does it up front) to keep the import cheap
+# Text that ftfy.fix_text (6.x, default configuration) returns unchanged, as each of its fixers does: printable
+# ASCII, tab and line feed, without "&". ASCII is never mojibake (fix_encoding returns ASCII text as it is) nor
+# changed by fix_c1_controls (U+0080-U+009F), fix_latin_ligatures, fix_character_width, uncurl_quotes (their
+# tables and patterns hold no ASCII), fix_surrogates or NFC normalisation; without "&" unescape_html finds no
+# entity; without ESC (U+001B) remove_terminal_escapes finds no escape sequence; without CR fix_line_breaks
+# has nothing to convert; and remove_control_chars keeps tab and line feed. tests/test_tokenizer.py checks
+# each fixer's tables on these characters, and fix_text itself on random texts of them.
+_FTFY_UNCHANGED = re.compile("[\t\n\x20-\x25\x27-\x7e]*")
 
-    text = ftfy.fix_text(text)
+
+def needs_ftfy(text: str) -> bool:
+    """Whether ``ftfy.fix_text`` could change ``text``; False only where it provably returns it as it is."""
+    return _FTFY_UNCHANGED.fullmatch(text) is None
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's ``whitespace_clean(basic_clean(text)).lower()``, step for step.
+
+    ``ftfy.fix_text`` runs (and ftfy, ~30 ms of a cold start with wcwidth, is imported) only for a text that
+    it could change (:func:`needs_ftfy`): an ordinary caption never pays for it."""
+    if needs_ftfy(text):
+        import ftfy  # imported on the first text that needs it, not at init
+
+        text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     text = text.strip()
     text = _WHITESPACE_RUN.sub(" ", text)
@@ -107,7 +126,6 @@ class ClipTokenizer:
     @classmethod
     def from_file(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> ClipTokenizer:
         """Load ``tokenizer.json``; raises ``ValueError`` naming the file if it is not a CLIP tokenizer."""
-        import ftfy  # noqa: F401  (loaded now, at init, rather than by the first clean_text call)
         from tokenizers import Tokenizer
 
         try:
