@@ -373,23 +373,42 @@ def test_the_embeddings_function_answers_api_gateway_events(handlers: dict[str, 
     assert other["statusCode"] == 404
 
 
-def test_the_embeddings_function_never_imports_pillow_nor_loads_the_visual_tower(tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("snap_start", [False, True])
+def test_the_embeddings_function_never_imports_pillow_nor_loads_the_visual_tower(tiny_model_path: Path,
+                                                                                 snap_start: bool) -> None:
+    """Its init loads the text tower only; the image function's Lambda client (and botocore) wait for the first
+    image request, except under SnapStart, whose init is snapshotted: then the client is created at init."""
     import subprocess
     import sys
     import textwrap
 
+    snap = ', AWS_LAMBDA_INITIALIZATION_TYPE="snap-start"' if snap_start else ""
     code = textwrap.dedent(f"""
         import json, os, sys
         os.environ.update(CLIP_MODEL_DIR={str(tiny_model_path)!r}, CLIP_CACHE="off",
-                          CLIP_IMAGE_FUNCTION="EmbedImageFunction")
+                          CLIP_IMAGE_FUNCTION="EmbedImageFunction"{snap})
         sys.path.insert(0, {str(REPO)!r})
         from tests.handlers import load_function
         handler = load_function("embeddings").handler
         print(json.dumps({{"pil": any(m == "PIL" or m.startswith("PIL.") for m in sys.modules),
+                          "botocore": "botocore" in sys.modules, "ftfy": "ftfy" in sys.modules,
                           "loaded": handler.app.state.service.loaded_towers(),
                           "remote": [type(r).__name__ for r in handler.app.state.remote_towers],
                           "clients": [r.loaded for r in handler.app.state.remote_towers]}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    assert probe == {"pil": False, "loaded": ["textual"], "remote": ["ImageFunction"], "clients": [True]}
+    assert probe == {"pil": False, "botocore": snap_start, "ftfy": False, "loaded": ["textual"],
+                     "remote": ["ImageFunction"], "clients": [snap_start]}
+
+
+def test_an_image_function_client_not_created_yet_is_not_renewed(tiny_model_path: Path) -> None:
+    """After a SnapStart restore a client created at init is replaced; one never created stays lazy."""
+    manifest = ModelDir.open(tiny_model_path).manifest
+    lazy = ImageFunction("EmbedImageFunction", manifest)
+    lazy.renew()
+    assert not lazy.loaded
+    made = ImageFunction("EmbedImageFunction", manifest, client=object())
+    first = made.client
+    made.renew()
+    assert made.loaded and made.client is not first

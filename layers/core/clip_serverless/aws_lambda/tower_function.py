@@ -197,9 +197,11 @@ class TowerFunction:
         return self._client
 
     def renew(self) -> None:
-        """A new client and connection pool (after a SnapStart restore, connections are stale)."""
+        """A new client and connection pool (after a SnapStart restore, connections are stale); a client
+        not created yet stays so (its first call creates it)."""
         with self._lock:
-            self._client = self._new_client()
+            if self._client is not None:
+                self._client = self._new_client()
 
     def _new_client(self) -> Any:
         from botocore.config import Config
