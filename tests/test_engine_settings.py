@@ -25,6 +25,7 @@ def spinning(options: Any) -> str:
 def test_each_knob_reaches_the_session_options() -> None:
     options = session_options(SessionTuning(threads=1, spinning=True, cpu_mem_arena=False, mem_pattern=False))
     assert (options.intra_op_num_threads, spinning(options)) == (1, "1")
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
     options = session_options(SessionTuning(threads=3, spinning=False, cpu_mem_arena=True, mem_pattern=True))
     assert (options.intra_op_num_threads, spinning(options)) == (3, "0")
