@@ -318,6 +318,25 @@ def test_the_text_limit_keeps_the_worst_case_answer_within_lambdas_response(dim:
     assert len(rendered) + len(header) <= bound <= len(rendered) + len(header) + 64
 
 
+def test_the_worst_case_size_is_the_rendered_count_for_every_count() -> None:
+    """The closed form (sizes built once) against the sizes built afresh for each count."""
+    def built(count: int, dim: int, encoding: str, model_id: str) -> int:
+        if encoding == "base64":
+            value = '"' + "A" * (4 * -(-4 * dim // 3)) + '"'
+        else:
+            value = "[" + ",".join(["0" * 24] * dim) + "]"
+        row = '{"object":"embedding","index":,"embedding":' + value + "}"
+        outer = ('{"object":"list","data":[],"model":' + json.dumps(model_id) +
+                 ',"usage":{"prompt_tokens":' + "9" * 12 + ',"total_tokens":' + "9" * 12 + "}}")
+        digits = sum(len(str(i)) for i in range(count))
+        return len(json.dumps(outer)) + count * (len(json.dumps(row)) - 2 + 1) + 2 * digits + count
+
+    for encoding in ("float", "base64"):
+        for count in [*range(0, 120), 999, 1000, 1001, 2047, 2048, 10_000]:
+            assert worst_case_response_bytes(count, 512, encoding, 'clip/"x"') == built(count, 512, encoding,
+                                                                                      'clip/"x"'), (encoding, count)
+
+
 # -- image vectors from another function (the embeddings function on AWS) -----------------------------------
 @pytest.fixture(scope="module")
 def local(tiny_model_path: Path) -> ClipService:

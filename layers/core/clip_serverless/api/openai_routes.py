@@ -21,6 +21,7 @@ function through Lambda ``Invoke`` (``CLIP_IMAGE_FUNCTION``, :class:`~..aws_lamb
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import time
@@ -147,6 +148,14 @@ def worst_case_response_bytes(count: int, embed_dim: int, encoding: str, model_i
     """The most ``count`` embeddings can weigh in Lambda's response payload, in OpenAI's shape: the body
     escaped as a JSON string, every float at ``MAX_FLOAT_CHARS``, the token counts at 12 digits, and the
     ``X-Clip-Truncated-Texts`` header when every text was cut."""
+    row, outer = _escaped_sizes(embed_dim, encoding, model_id)
+    return outer + count * (row - 2 + 1) + 2 * _index_digits(count) + count
+
+
+@functools.cache
+def _escaped_sizes(embed_dim: int, encoding: str, model_id: str) -> tuple[int, int]:
+    """The escaped length of one row (its index left out) and of the body around the rows: built once, not
+    once per count that ``max_inputs`` tries (every app's init runs it)."""
     if encoding == "base64":
         value = '"' + "A" * (4 * -(-4 * embed_dim // 3)) + '"'  # base64 of embed_dim float32
     else:
@@ -154,8 +163,17 @@ def worst_case_response_bytes(count: int, embed_dim: int, encoding: str, model_i
     row = '{"object":"embedding","index":,"embedding":' + value + "}"
     outer = ('{"object":"list","data":[],"model":' + json.dumps(model_id) +
              ',"usage":{"prompt_tokens":' + "9" * 12 + ',"total_tokens":' + "9" * 12 + "}}")
-    digits = sum(len(str(i)) for i in range(count))  # each row's index, and each in the header
-    return len(json.dumps(outer)) + count * (len(json.dumps(row)) - 2 + 1) + 2 * digits + count
+    return len(json.dumps(row)), len(json.dumps(outer))
+
+
+def _index_digits(count: int) -> int:
+    """The digits of 0, 1, ..., count - 1 (each row's index, and each in the header)."""
+    digits, low, width = 0, 0, 1
+    while low < count:
+        high = 10**width
+        digits += (min(count, high) - low) * width
+        low, width = high, width + 1
+    return digits
 
 
 def max_inputs(embed_dim: int, encoding: str, model_id: str, max_response_bytes: int) -> int:
