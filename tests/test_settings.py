@@ -42,6 +42,7 @@ BAD_VALUES = [
     ("CLIP_ORT_CPU_MEM_ARENA", "2"),
     ("CLIP_ORT_MEM_PATTERN", "yes please"),
     ("CLIP_MAX_IMAGE_PIXELS", "1e6"),
+    ("CLIP_IMAGE_DECODE", "fast"),
     ("CLIP_TEXT_FUNCTION_TIMEOUT", "soon"),
     ("CLIP_TEXT_FUNCTION_TIMEOUT", "0"),
     ("CLIP_ALLOW_URL_INPUT", "perhaps"),

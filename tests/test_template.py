@@ -155,6 +155,7 @@ def test_environment_points_each_function_at_its_model_and_the_cache(flavour: st
         assert env["CLIP_CACHE_BUCKET"] == {"Ref": "CacheBucket"}
         assert env["CLIP_CACHE_PREFIX"] == {"Ref": "CachePrefix"}
         assert env["CLIP_MAX_BATCH_SIZE"] == {"Ref": "MaxBatchSize"}
+        assert env["CLIP_IMAGE_DECODE"] == {"Ref": "ImageDecode"}
         assert env["CLIP_API_KEY_SSM_PARAMETER"]["Fn::If"][0] == "ApiKeyFromSsm"
         assert env["CLIP_API_KEY_SECRET_ID"]["Fn::If"][0] == "ApiKeyFromSecretsManager"
         assert "CLIP_API_KEY" not in env  # the key itself never sits in the function configuration

@@ -49,6 +49,16 @@ def env_float(name: str, default: float, environ: Mapping[str, str] | None = Non
     return value
 
 
+def env_choice(name: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None) -> str:
+    """``name``, lower-cased, one of ``choices``; unset: the first choice."""
+    raw = _raw(environ, name).lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
     raw = _raw(environ, name).lower()
     if not raw:

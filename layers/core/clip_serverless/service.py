@@ -72,6 +72,7 @@ class ClipService:
         self.text_batch_size = text_batch_size
         self.truncate_text = truncate_text
         self.max_image_pixels = engine.max_image_pixels
+        self.image_decode = engine.image_decode
         self.image_encoder = ImageEncoder(model_dir, tuning=engine.tuning)
         # The text tower runs here, or (compare on Lambda) in the embed_text function; the tokenizer, and
         # with it the cache keys, stays here either way.
@@ -88,7 +89,9 @@ class ClipService:
         from .cache import from_config as cache_from_config
 
         model_dir = ModelDir.open(settings.model_dir)
-        cache = cache_from_config(model_dir.manifest, settings.cache)  # None when the cache is off
+        engine = engine or settings.engine
+        # None when the cache is off; a draft decode's vectors are kept apart from the exact ones
+        cache = cache_from_config(model_dir.manifest, settings.cache, image_decode=engine.image_decode)
         text_tower = None
         if settings.text_function is not None:
             from .aws_lambda.tower_function import TextFunctionEncoder
@@ -96,7 +99,7 @@ class ClipService:
             text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
                                              timeout_s=settings.text_function.timeout_s)
         return cls(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
-                   truncate_text=settings.truncate_text, engine=engine or settings.engine, text_tower=text_tower)
+                   truncate_text=settings.truncate_text, engine=engine, text_tower=text_tower)
 
     # -- loading -----------------------------------------------------------------------------------
     @property
@@ -180,7 +183,8 @@ class ClipService:
             # threads (one below a vCPU's worth of Lambda memory, where a second only burns the quota).
             pixels = decode_and_preprocess([blobs[i] for i in indices], m.image_size, m.mean, m.std,
                                            max_pixels=self.max_image_pixels,
-                                           workers=self.image_encoder.threads)
+                                           workers=self.image_encoder.threads,
+                                           draft=self.image_decode == "draft")
             return self.image_encoder.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)

@@ -14,8 +14,8 @@ the package reads the environment for its configuration; each consumer receives 
 - ``url`` (:class:`UrlSettings`): ``CLIP_ALLOW_URL_INPUT``, ``CLIP_ALLOW_HTTP_URLS``, ``CLIP_URL_*``: the
   image loader;
 - ``engine`` (:class:`EngineSettings`): ``CLIP_NUM_THREADS``, ``CLIP_ORT_SPINNING``, ``CLIP_ORT_CPU_MEM_ARENA``,
-  ``CLIP_ORT_MEM_PATTERN`` (unset: the endpoint's default), ``CLIP_MAX_IMAGE_PIXELS``: ``ClipService`` and
-  its encoders;
+  ``CLIP_ORT_MEM_PATTERN`` (unset: the endpoint's default), ``CLIP_MAX_IMAGE_PIXELS``, ``CLIP_IMAGE_DECODE``:
+  ``ClipService`` and its encoders;
 - ``text_function`` (:class:`TextFunctionSettings`): ``CLIP_TEXT_FUNCTION``, ``CLIP_TEXT_FUNCTION_TIMEOUT``;
 - ``image_function`` (:class:`ImageFunctionSettings`): ``CLIP_IMAGE_FUNCTION``, ``CLIP_IMAGE_FUNCTION_TIMEOUT``;
 - ``cache`` (``CacheConfig``): ``CLIP_CACHE*``, parsed by ``cache.config``: the embedding cache;
@@ -37,9 +37,10 @@ from pathlib import Path
 from .api.url_fetch import UrlPolicy
 from .aws_lambda.secrets import ApiKey
 from .cache.config import CacheConfig
+from .engine import IMAGE_DECODES
 from .engine import EngineSettings as EngineSettings  # re-exported: a part of Settings
 from .envparse import SettingsError as SettingsError  # re-exported: raised by Settings.from_env
-from .envparse import env_bool, env_float, env_int, env_str
+from .envparse import env_bool, env_choice, env_float, env_int, env_str
 from .types import Tower
 
 Environ = Mapping[str, str]
@@ -120,15 +121,16 @@ def env_optional_bool(name: str, environ: Environ | None = None) -> bool | None:
 
 def engine_from_env(environ: Environ | None = None) -> EngineSettings:
     """:class:`EngineSettings` from ``CLIP_NUM_THREADS``, ``CLIP_ORT_SPINNING``, ``CLIP_ORT_CPU_MEM_ARENA``,
-    ``CLIP_ORT_MEM_PATTERN`` (each unset: None, the endpoint's default, ``api.endpoints``) and
-    ``CLIP_MAX_IMAGE_PIXELS``."""
+    ``CLIP_ORT_MEM_PATTERN`` (each unset: None, the endpoint's default, ``api.endpoints``),
+    ``CLIP_MAX_IMAGE_PIXELS`` and ``CLIP_IMAGE_DECODE``."""
     threads = env_int("CLIP_NUM_THREADS", 1, environ=environ) if env_str("CLIP_NUM_THREADS", None, environ) else None
     default_pixels = EngineSettings().max_image_pixels
     return EngineSettings(threads=threads,
                           spinning=env_optional_bool("CLIP_ORT_SPINNING", environ),
                           cpu_mem_arena=env_optional_bool("CLIP_ORT_CPU_MEM_ARENA", environ),
                           mem_pattern=env_optional_bool("CLIP_ORT_MEM_PATTERN", environ),
-                          max_image_pixels=env_int("CLIP_MAX_IMAGE_PIXELS", default_pixels, environ=environ))
+                          max_image_pixels=env_int("CLIP_MAX_IMAGE_PIXELS", default_pixels, environ=environ),
+                          image_decode=env_choice("CLIP_IMAGE_DECODE", IMAGE_DECODES, environ))
 
 
 @dataclass(frozen=True)

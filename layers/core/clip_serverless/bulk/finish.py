@@ -34,7 +34,7 @@ def finish(s3: S3Client, spec: JobSpec, *, map_error: Any = None) -> dict[str, A
         records = list(pool.map(lambda item: get_json(s3, bucket, layout.done_key(item["shard"])), items))
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    models: Counter[tuple[str, str, str, int]] = Counter()
+    models: Counter[tuple[str, str, str, int, str | None]] = Counter()
     missing: list[str] = []
     for item, record in zip(items, records, strict=True):
         ok = (isinstance(record, dict) and record.get("batch") == item["batch"] and record.get("dtype") == spec.dtype
@@ -44,9 +44,10 @@ def finish(s3: S3Client, spec: JobSpec, *, map_error: Any = None) -> dict[str, A
             continue
         counts.update(embedded=record["embedded"], errors=record["errors"], cache_writes=record.get("cache_writes", 0))
         reasons.update(record.get("errors_by_reason", {}))
-        models[(record["model_id"], record["model_digest"], record["precision"], record["embed_dim"])] += 1
+        decode = record.get("image_decode", "exact" if spec.modality == "image" else None)  # older records: exact
+        models[(record["model_id"], record["model_digest"], record["precision"], record["embed_dim"], decode)] += 1
     mixed = len(models) > 1
-    (model_id, digest, precision, dim), _ = models.most_common(1)[0] if models else (("", "", "", 0), 0)
+    (model_id, digest, precision, dim, decode), _ = models.most_common(1)[0] if models else (("", "", "", 0, None), 0)
     listed = int(state.get("listed", 0))
     complete = not missing and not mixed and listed == counts["embedded"] + counts["errors"]
     manifest = {
@@ -54,7 +55,8 @@ def finish(s3: S3Client, spec: JobSpec, *, map_error: Any = None) -> dict[str, A
         "complete": complete,
         "job": spec.to_json(),
         "model": {"model_id": model_id, "model_digest": digest, "precision": precision, "embed_dim": dim,
-                  "dtype": spec.dtype, "mixed_models": [list(m) for m in models] if mixed else []},
+                  "dtype": spec.dtype, "image_decode": decode,
+                  "mixed_models": [list(m) for m in models] if mixed else []},
         "counts": {"listed": listed, "embedded": counts["embedded"], "errors": counts["errors"],
                    "shards": len(items), "shards_missing": len(missing), "cache_writes": counts["cache_writes"]},
         "errors_by_reason": dict(sorted(reasons.items())),

@@ -120,14 +120,23 @@ class ShardRunner:
             "errors_by_reason": dict(sorted(Counter(e["reason"] for e in outcome.errors).items())),
             "model_id": self.manifest.model_id, "model_digest": self.manifest.digest,
             "precision": self.manifest.precision, "embed_dim": self.manifest.embed_dim, "dtype": spec.dtype,
-            "files": files, "cache_writes": cached, "seconds": round(time.perf_counter() - start, 3),
+            "image_decode": self._image_decode(spec), "files": files, "cache_writes": cached,
+            "seconds": round(time.perf_counter() - start, 3),
         }
         put_json(self.s3, bucket, layout.done_key(shard), record)
         return {"shard": shard, "skipped": False, "embedded": record["embedded"], "errors": record["errors"]}
 
+    def _image_decode(self, spec: JobSpec) -> str | None:
+        """How images were decoded (CLIP_IMAGE_DECODE): part of what a shard's vectors are; None for texts."""
+        return self.service.image_decode if spec.modality == "image" else None
+
     def _finished(self, done: Any, spec: JobSpec, batch_key: str) -> bool:
-        return (isinstance(done, dict) and done.get("model_digest") == self.manifest.digest
+        if not isinstance(done, dict):
+            return False
+        decode = done.get("image_decode", "exact" if spec.modality == "image" else None)  # older records: exact
+        return (done.get("model_digest") == self.manifest.digest
                 and done.get("dtype") == spec.dtype and done.get("batch") == batch_key
+                and decode == self._image_decode(spec)
                 and isinstance(done.get("embedded"), int) and isinstance(done.get("errors"), int))
 
     # -- images ------------------------------------------------------------------------------------
@@ -170,7 +179,8 @@ class ShardRunner:
         m = self.manifest
         try:
             with self._decoders:
-                image = decode_image(data, max_pixels=self.service.max_image_pixels)
+                image = decode_image(data, max_pixels=self.service.max_image_pixels,
+                                     draft=self.service.image_decode == "draft", draft_size=m.image_size)
                 pixels = preprocess_batch([image], m.image_size, m.mean, m.std)
                 del image
         except ImageDecodeError as exc:
@@ -257,7 +267,7 @@ class ShardRunner:
     def _identity(self) -> ModelIdentity:
         from ..cache.keys import ModelIdentity
 
-        return ModelIdentity.from_manifest(self.manifest)
+        return ModelIdentity.from_manifest(self.manifest, image_decode=self.service.image_decode)
 
     def _write_cache(self, entries: list[tuple[str, Float32Array]]) -> int:
         """Each vector as an embedding-cache entry, so the API's next call on the same bytes is a hit."""

@@ -96,12 +96,13 @@ __all__ = [
 ]
 
 
-def from_config(manifest: ManifestLike, config: CacheConfig,
-                observers: Iterable[StatsObserver] = ()) -> EmbeddingCache | None:
+def from_config(manifest: ManifestLike, config: CacheConfig, observers: Iterable[StatsObserver] = (),
+                image_decode: str = "exact") -> EmbeddingCache | None:
     """The cache for this model as ``config`` describes it, or None when the cache is off."""
     if not config.enabled:
         return None
-    return EmbeddingCache.from_config(ModelIdentity.from_manifest(manifest), config, observers=observers)
+    identity = ModelIdentity.from_manifest(manifest, image_decode=image_decode)
+    return EmbeddingCache.from_config(identity, config, observers=observers)
 
 
 def from_env(manifest: ManifestLike, environ: Mapping[str, str] | None = None,

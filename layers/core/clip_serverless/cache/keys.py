@@ -103,9 +103,12 @@ class ModelIdentity:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
 
     @classmethod
-    def from_manifest(cls, manifest: ManifestLike) -> ModelIdentity:
+    def from_manifest(cls, manifest: ManifestLike, image_decode: str = "exact") -> ModelIdentity:
+        """``image_decode``: ``EngineSettings.image_decode``; a draft decode gives other vectors, so other keys
+        (the exact path keeps the keys it always had)."""
+        draft = "" if image_decode == "exact" else f"+{image_decode}"
         return cls(model_id=manifest.model_id, digest=manifest.digest, embed_dim=manifest.embed_dim,
-                   image_pipeline=f"{IMAGE_PIPELINE_VERSION}+{pillow_series()}")
+                   image_pipeline=f"{IMAGE_PIPELINE_VERSION}+{pillow_series()}{draft}")
 
     @property
     def path_prefix(self) -> str:

@@ -17,6 +17,14 @@ from dataclasses import dataclass, fields, replace
 # state, so the engine checks the header size itself.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
+# How JPEGs are decoded (CLIP_IMAGE_DECODE). "exact": every pixel, then the bicubic resize: bit for bit the
+# reference preprocessing. "draft": libjpeg scales by 1/2, 1/4 or 1/8 while decoding (both sides kept at
+# least the model's input size), then the same resize; a 12 MP photo decodes and resizes in 15 ms instead of
+# 120, and on real photos the embedding moves by 1 - cosine <= 2.4e-6 (fp32; int8 1.1e-4, about half what int8
+# itself moves it): bench/bench_draft_decode.py. Other formats, and JPEGs under twice the input size, decode
+# exactly either way.
+IMAGE_DECODES = ("exact", "draft")
+
 
 @dataclass(frozen=True)
 class SessionTuning:
@@ -37,9 +45,15 @@ class SessionTuning:
 
 @dataclass(frozen=True)
 class EngineSettings(SessionTuning):
-    """How the engine runs: its sessions' :class:`SessionTuning`, and the largest image it decodes."""
+    """How the engine runs: its sessions' :class:`SessionTuning`, the largest image it decodes, and how it
+    decodes JPEGs (one of :data:`IMAGE_DECODES`)."""
 
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    image_decode: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.image_decode not in IMAGE_DECODES:
+            raise ValueError(f"image_decode must be one of {IMAGE_DECODES}, got {self.image_decode!r}")
 
     def with_defaults(self, defaults: SessionTuning) -> EngineSettings:
         """These settings, with each knob that is ``None`` here taken from ``defaults``."""

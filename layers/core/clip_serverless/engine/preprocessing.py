@@ -229,8 +229,10 @@ def decode_and_preprocess(
     *,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     workers: int = 1,
+    draft: bool = False,
 ) -> Float32Array:
-    """``decode_image`` then CLIP's transform of each blob: float32 (N, 3, size, size).
+    """``decode_image`` then CLIP's transform of each blob: float32 (N, 3, size, size). ``draft``: JPEGs
+    decode at a reduced scale that keeps both sides at least ``size`` (``decode_image``).
 
     With ``workers`` > 1, a batch decodes and resizes several images at once (Pillow and numpy release the
     GIL), a single image resizes in bands. The first bad blob in input order raises its ImageDecodeError.
@@ -240,7 +242,7 @@ def decode_and_preprocess(
     band_workers = workers if len(blobs) == 1 else 1
 
     def one(row: int) -> None:
-        image = decode_image(blobs[row], max_pixels=max_pixels)
+        image = decode_image(blobs[row], max_pixels=max_pixels, draft=draft, draft_size=size)
         _normalise_into(out[row], resize_center_crop(image, size, workers=band_workers), table)
 
     _each(one, len(blobs), workers)
