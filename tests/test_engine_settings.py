@@ -143,8 +143,31 @@ def test_engine_defaults_per_memory_size() -> None:
 
 
 def test_no_spinning_where_another_thread_works_beside_the_session() -> None:
-    from clip_serverless.api.local import LOCAL_ENGINE
-
-    # compare runs its image while a thread calls embed_text; the local server runs both towers, concurrently.
-    assert endpoint("compare").engine.spinning is False and LOCAL_ENGINE.spinning is False
+    # compare runs its image while a thread calls embed_text.
+    assert endpoint("compare").engine.spinning is False
     assert all(spec.engine.spinning for spec in REGISTRY if spec.name != "compare")  # their runs are alone
+
+
+def test_the_local_server_s_spinning_towers_never_run_at_once(function_env: pytest.MonkeyPatch,
+                                                             red_circle: bytes) -> None:
+    from clip_serverless.api.local import LOCAL_ENGINE, local_service
+
+    assert LOCAL_ENGINE.spinning is True
+    service = local_service(Settings.from_env())
+    gate = service.run_gate
+    held = []
+    for tower in (service.image_encoder, service.text_encoder):
+        encode = tower.encode
+
+        def checked(*args: Any, _encode: Any = encode, **kwargs: Any) -> Any:
+            held.append(gate.locked())  # type: ignore[attr-defined]
+            return _encode(*args, **kwargs)
+
+        function_env.setattr(tower, "encode", checked)
+    service.embed_images([red_circle], use_cache=False)
+    service.embed_texts(["a red circle"], use_cache=False)
+    assert held == [True, True]
+    assert not gate.locked()  # type: ignore[attr-defined]
+    function_env.setenv("CLIP_ORT_SPINNING", "false")  # no spinning: no lock either (concurrent runs share the cores)
+    quiet = local_service(Settings.from_env())
+    assert quiet.image_encoder.tuning.spinning is False and not hasattr(quiet.run_gate, "locked")

@@ -6,6 +6,7 @@ function never opens the visual graph, and never imports Pillow.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,8 +64,11 @@ class Embeddings:
 class ClipService:
     def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
                  truncate_text: bool = True, engine: EngineSettings | None = None,
-                 text_tower: TextTower | None = None) -> None:
-        """``engine``: the sessions' tuning and the image size limit (default: :class:`EngineSettings`')."""
+                 text_tower: TextTower | None = None, run_gate: contextlib.AbstractContextManager[object] | None = None,
+                 ) -> None:
+        """``engine``: the sessions' tuning and the image size limit (default: :class:`EngineSettings`').
+        ``run_gate``: held around every run of a tower in this process (the local server's lock, so that
+        spinning sessions never run at once); default: none."""
         engine = engine if engine is not None else EngineSettings()
         self.model_dir = model_dir
         self.manifest = model_dir.manifest
@@ -79,13 +83,16 @@ class ClipService:
         self.text_encoder: TextTower = (text_tower if text_tower is not None
                                         else TextEncoder(model_dir, tuning=engine.tuning))
         self.text_is_remote = text_tower is not None
+        self.run_gate: contextlib.AbstractContextManager[object] = run_gate or contextlib.nullcontext()
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, engine: EngineSettings | None = None) -> ClipService:
+    def from_settings(cls, settings: Settings, engine: EngineSettings | None = None,
+                      run_gate: contextlib.AbstractContextManager[object] | None = None) -> ClipService:
         """The service ``settings`` describe: model directory opened and validated, cache, text tower (another
-        function's when ``settings.text_function`` names one). ``engine`` replaces ``settings.engine``."""
+        function's when ``settings.text_function`` names one). ``engine`` replaces ``settings.engine``;
+        ``run_gate``: as in ``__init__``."""
         from .cache import from_config as cache_from_config
 
         model_dir = ModelDir.open(settings.model_dir)
@@ -99,7 +106,7 @@ class ClipService:
             text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
                                              timeout_s=settings.text_function.timeout_s)
         return cls(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
-                   truncate_text=settings.truncate_text, engine=engine, text_tower=text_tower)
+                   truncate_text=settings.truncate_text, engine=engine, text_tower=text_tower, run_gate=run_gate)
 
     # -- loading -----------------------------------------------------------------------------------
     @property
@@ -166,7 +173,8 @@ class ClipService:
             parts = [np.zeros((0, self.manifest.embed_dim), dtype=np.float32)]
             for start in range(0, len(indices), self.text_batch_size):
                 chunk = list(indices[start : start + self.text_batch_size])
-                parts.append(self.text_encoder.encode(batch.ids[chunk], batch.lengths[chunk]))
+                with self.run_gate if not self.text_is_remote else contextlib.nullcontext():
+                    parts.append(self.text_encoder.encode(batch.ids[chunk], batch.lengths[chunk]))
             return np.concatenate(parts, axis=0)
 
         vectors, stats = self._cached("text", [row.astype("<i8").tobytes() for row in rows], compute, use_cache)
@@ -185,7 +193,8 @@ class ClipService:
                                            max_pixels=self.max_image_pixels,
                                            workers=self.image_encoder.threads,
                                            draft=self.image_decode == "draft")
-            return self.image_encoder.encode(pixels)
+            with self.run_gate:
+                return self.image_encoder.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)
         return Embeddings(vectors=vectors, cache=stats)
