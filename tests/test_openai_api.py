@@ -392,20 +392,17 @@ def test_the_embeddings_function_answers_api_gateway_events(handlers: dict[str, 
     assert other["statusCode"] == 404
 
 
-@pytest.mark.parametrize("snap_start", [False, True])
-def test_the_embeddings_function_never_imports_pillow_nor_loads_the_visual_tower(tiny_model_path: Path,
-                                                                                 snap_start: bool) -> None:
+def test_the_embeddings_function_never_imports_pillow_nor_loads_the_visual_tower(tiny_model_path: Path) -> None:
     """Its init loads the text tower only; the image function's Lambda client (and botocore) wait for the first
-    image request, except under SnapStart, whose init is snapshotted: then the client is created at init."""
+    image request (tests/test_built_functions.py makes one)."""
     import subprocess
     import sys
     import textwrap
 
-    snap = ', AWS_LAMBDA_INITIALIZATION_TYPE="snap-start"' if snap_start else ""
     code = textwrap.dedent(f"""
         import json, os, sys
         os.environ.update(CLIP_MODEL_DIR={str(tiny_model_path)!r}, CLIP_CACHE="off",
-                          CLIP_IMAGE_FUNCTION="EmbedImageFunction"{snap})
+                          CLIP_IMAGE_FUNCTION="EmbedImageFunction")
         sys.path.insert(0, {str(REPO)!r})
         from tests.handlers import load_function
         handler = load_function("embeddings").handler
@@ -417,8 +414,8 @@ def test_the_embeddings_function_never_imports_pillow_nor_loads_the_visual_tower
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    assert probe == {"pil": False, "botocore": snap_start, "ftfy": False, "loaded": ["textual"],
-                     "remote": ["ImageFunction"], "clients": [snap_start]}
+    assert probe == {"pil": False, "botocore": False, "ftfy": False, "loaded": ["textual"],
+                     "remote": ["ImageFunction"], "clients": [False]}
 
 
 def test_an_image_function_client_not_created_yet_is_not_renewed(tiny_model_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ log = logging.getLogger("clip_serverless.aws_lambda.entry")
 # loads exactly one tower. compare's "textual" is its tokenizer and the Lambda client of the embed_text
 # function, which embeds its texts (CLIP_TEXT_FUNCTION). embeddings' image client (CLIP_IMAGE_FUNCTION) serves
 # image requests only: the first one creates it (botocore's import and the client: ~110 ms that a text request,
-# the usual one, never needs), unless init is snapshotted (``snapshotted``).
+# the usual one, never needs; under SnapStart a client made at init would be made anew after each restore).
 PRELOAD: dict[Endpoint, tuple[Tower, ...]] = {spec.name: spec.preload for spec in REGISTRY}
 
 
@@ -49,13 +48,6 @@ def preload_for(endpoint: Endpoint, requested: tuple[Tower, ...] | None = None) 
     if requested is None:
         return PRELOAD[endpoint]
     return tuple(t for t in PRELOAD[endpoint] if t in requested)
-
-
-def snapshotted() -> bool:
-    """Whether this init runs under SnapStart (Lambda sets ``AWS_LAMBDA_INITIALIZATION_TYPE``), where what init
-    loads costs no request anything: then every client that a request may want is created at init, and renewed
-    after each restore."""
-    return os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start"
 
 
 # GET /healthz (every app answers it) through Mangum and the app once at init: what a first request sets up
@@ -129,9 +121,6 @@ def _handler_for(endpoint: Endpoint) -> Callable[[Any, Any], dict[str, Any]]:
     with without_pydantic_v1():
         app = build(settings, endpoints=(endpoint,), service=service)
     app_built = time.perf_counter()
-    if towers and snapshotted():
-        for remote in app.state.remote_towers:  # other functions' towers: their Lambda clients
-            remote.load()
     if service.cache is not None:
         emf = emf_observer(settings.cache)  # CLIP_CACHE_METRICS: EMF lines per request (the Lambda default)
         if emf is not None:
