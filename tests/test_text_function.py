@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -159,3 +160,48 @@ def test_a_text_function_that_does_not_answer_in_time_is_504(tiny_service: ClipS
     finally:
         listener.close()
     assert caught.value.status == 504 and "0.5 s" in caught.value.message
+
+
+# ---- the Lambda client's data loader (clip_serverless.aws_clients) --------------------------------
+@pytest.mark.parametrize("type_name", ["service-2", "endpoint-rule-set-1", "paginators-1", "waiters-2"])
+def test_the_named_services_loader_finds_a_named_service_as_botocore_does(type_name: str) -> None:
+    """Its list holds the named services botocore's own list holds, and nothing else; the models it loads
+    are botocore's."""
+    from botocore.loaders import Loader
+    from clip_serverless.aws_clients import named_services_loader
+
+    botocores = Loader()
+    known = set(botocores.list_available_services(type_name))
+    loader = named_services_loader()
+    assert loader.list_available_services(type_name) == []
+    named = {"lambda", "s3", "secretsmanager", "ssm", "sts", "no-such-service"}
+    loader.services.update(named)
+    assert loader.list_available_services(type_name) == sorted(named & known)
+    assert set(loader.list_available_services(type_name)) >= {"lambda", "s3"} or type_name == "waiters-2"
+    for service in sorted(named & known):
+        assert loader.load_service_model(service, type_name) == botocores.load_service_model(service, type_name)
+
+
+def test_clients_come_from_the_named_services_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import UnknownServiceError
+    from clip_serverless import aws_clients
+
+    monkeypatch.delenv("AWS_DATA_PATH", raising=False)
+    lam = aws_clients.client("lambda", region_name="us-east-1")
+    assert lam.meta.service_model.service_name == "lambda"
+    assert aws_clients._session is not None
+    loader = aws_clients._session.get_component("data_loader")
+    assert type(loader).__name__ == "NamedServicesLoader" and loader.services == {"lambda"}
+    assert aws_clients.client("s3", region_name="us-east-1").meta.service_model.service_name == "s3"
+    with pytest.raises(UnknownServiceError):
+        aws_clients.client("no-such-service", region_name="us-east-1")
+
+
+def test_the_named_services_loader_searches_aws_data_path_first(tmp_path: Any) -> None:
+    """``AWS_DATA_PATH`` (a model of one's own) comes before botocore's data, as with botocore's loader."""
+    from botocore.loaders import create_loader
+    from clip_serverless.aws_clients import named_services_loader
+
+    path = f"{tmp_path}/a{os.pathsep}{tmp_path}/b"
+    assert named_services_loader(path).search_paths == create_loader(path).search_paths
+    assert named_services_loader(None).search_paths == create_loader(None).search_paths
