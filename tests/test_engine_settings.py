@@ -4,9 +4,12 @@ the environment variables that override them. Which values are fastest is measur
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from clip_serverless.api.endpoints import REGISTRY, endpoint
 from clip_serverless.engine import EngineSettings, SessionTuning
@@ -148,26 +151,67 @@ def test_no_spinning_where_another_thread_works_beside_the_session() -> None:
     assert all(spec.engine.spinning for spec in REGISTRY if spec.name != "compare")  # their runs are alone
 
 
-def test_the_local_server_s_spinning_towers_never_run_at_once(function_env: pytest.MonkeyPatch,
-                                                             red_circle: bytes) -> None:
+def test_the_local_server_s_runs_spin_alone_and_run_quiet_beside_another(function_env: pytest.MonkeyPatch,
+                                                                      red_circle: bytes) -> None:
     from clip_serverless.api.local import LOCAL_ENGINE, local_service
 
     assert LOCAL_ENGINE.spinning is True
     service = local_service(Settings.from_env())
-    gate = service.run_gate
-    held = []
-    for tower in (service.image_encoder, service.text_encoder):
-        encode = tower.encode
+    assert service.image_runs is not None and service.text_runs is not None
+    used: list[tuple[str, SessionTuning]] = []
+    for name, runs in (("image", service.image_runs), ("text", service.text_runs)):
+        pick = runs.pick
 
-        def checked(*args: Any, _encode: Any = encode, **kwargs: Any) -> Any:
-            held.append(gate.locked())  # type: ignore[attr-defined]
-            return _encode(*args, **kwargs)
+        def spy(_pick: Any = pick, _name: str = name) -> Any:
+            @contextlib.contextmanager
+            def picked() -> Any:
+                with _pick() as tower:
+                    used.append((_name, tower.tuning))
+                    yield tower
+            return picked()
 
-        function_env.setattr(tower, "encode", checked)
+        function_env.setattr(runs, "pick", spy)
+    fast = service.image_encoder.tuning
     service.embed_images([red_circle], use_cache=False)
     service.embed_texts(["a red circle"], use_cache=False)
-    assert held == [True, True]
-    assert not gate.locked()  # type: ignore[attr-defined]
-    function_env.setenv("CLIP_ORT_SPINNING", "false")  # no spinning: no lock either (concurrent runs share the cores)
-    quiet = local_service(Settings.from_env())
-    assert quiet.image_encoder.tuning.spinning is False and not hasattr(quiet.run_gate, "locked")
+    assert used == [("image", fast), ("text", fast)] and fast.spinning  # alone: the spinning sessions
+    assert service.image_runs.quiet is None and service.text_runs.quiet is None  # quiet ones not made yet
+    quiet = replace(fast, threads=1, spinning=False)
+    with service.image_runs.pick():  # another run in flight: each tower's quiet session, made now
+        service.embed_texts(["a blue square"], use_cache=False)
+        service.embed_images([red_circle], use_cache=False)
+    assert used[2:] == [("image", fast), ("text", quiet), ("image", quiet)]  # the first: the run held open
+    pixels = _pixels(service, red_circle)  # whichever session answers, the vector is the same
+    quiet_image = service.image_runs.quiet
+    assert quiet_image is not None
+    np.testing.assert_array_equal(service.image_runs.fast.encode(pixels), quiet_image.encode(pixels))
+    function_env.setenv("CLIP_ORT_SPINNING", "false")  # quiet sessions only, no second session
+    assert local_service(Settings.from_env()).image_runs is None
+
+
+def _pixels(service: ClipService, data: bytes) -> Any:
+    from clip_serverless.engine.preprocessing import decode_and_preprocess
+
+    m = service.manifest
+    return decode_and_preprocess([data], m.image_size, m.mean, m.std)
+
+
+def test_run_count_counts_runs_in_flight_and_survives_errors() -> None:
+    from clip_serverless.engine.alternates import Alternates, RunCount
+
+    runs = RunCount()
+    made: list[str] = []
+
+    def make_quiet() -> str:
+        made.append("quiet")
+        return "quiet"
+
+    alternates = Alternates("fast", make_quiet, runs)
+    with alternates.pick() as first, alternates.pick() as second, alternates.pick() as third:
+        assert (first, second, third, runs.running) == ("fast", "quiet", "quiet", 3)
+    assert made == ["quiet"] and runs.running == 0
+    with pytest.raises(RuntimeError), alternates.pick():
+        raise RuntimeError("a run that fails")
+    assert runs.running == 0
+    with alternates.pick() as again:
+        assert again == "fast"

@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ from .cache.embedder import embed_payloads
 from .cache.stats import CacheStats
 from .engine import EngineSettings as EngineSettings
 from .engine import ImageDecodeError as ImageDecodeError  # embed_images raises it (the API answers 400)
+from .engine.alternates import Alternates, RunCount
 from .engine.encoder import ImageEncoder, TextEncoder
 from .engine.model_dir import TOKENIZER_FILE
 from .engine.model_dir import ModelDir as ModelDir
@@ -64,11 +65,11 @@ class Embeddings:
 class ClipService:
     def __init__(self, model_dir: ModelDir, *, cache: EmbeddingCache | None = None, text_batch_size: int = 32,
                  truncate_text: bool = True, engine: EngineSettings | None = None,
-                 text_tower: TextTower | None = None, run_gate: contextlib.AbstractContextManager[object] | None = None,
-                 ) -> None:
+                 text_tower: TextTower | None = None, quiet_when_busy: bool = False) -> None:
         """``engine``: the sessions' tuning and the image size limit (default: :class:`EngineSettings`').
-        ``run_gate``: held around every run of a tower in this process (the local server's lock, so that
-        spinning sessions never run at once); default: none."""
+        ``quiet_when_busy``: a run that starts while another is in flight in this process uses a second,
+        quiet session of its tower (one thread, no spinning; ``engine.alternates``): the local server's, whose
+        sessions spin."""
         engine = engine if engine is not None else EngineSettings()
         self.model_dir = model_dir
         self.manifest = model_dir.manifest
@@ -83,16 +84,23 @@ class ClipService:
         self.text_encoder: TextTower = (text_tower if text_tower is not None
                                         else TextEncoder(model_dir, tuning=engine.tuning))
         self.text_is_remote = text_tower is not None
-        self.run_gate: contextlib.AbstractContextManager[object] = run_gate or contextlib.nullcontext()
+        self.image_runs: Alternates[ImageEncoder] | None = None
+        self.text_runs: Alternates[TextEncoder] | None = None
+        if quiet_when_busy:
+            runs = RunCount()
+            quiet = replace(self.image_encoder.tuning, threads=1, spinning=False)
+            self.image_runs = Alternates(self.image_encoder, lambda: ImageEncoder(model_dir, tuning=quiet), runs)
+            if isinstance(self.text_encoder, TextEncoder):
+                self.text_runs = Alternates(self.text_encoder, lambda: TextEncoder(model_dir, tuning=quiet), runs)
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: EngineSettings | None = None,
-                      run_gate: contextlib.AbstractContextManager[object] | None = None) -> ClipService:
+                      quiet_when_busy: bool = False) -> ClipService:
         """The service ``settings`` describe: model directory opened and validated, cache, text tower (another
         function's when ``settings.text_function`` names one). ``engine`` replaces ``settings.engine``;
-        ``run_gate``: as in ``__init__``."""
+        ``quiet_when_busy``: as in ``__init__``."""
         from .cache import from_config as cache_from_config
 
         model_dir = ModelDir.open(settings.model_dir)
@@ -106,7 +114,8 @@ class ClipService:
             text_tower = TextFunctionEncoder(settings.text_function.name, model_dir.manifest,
                                              timeout_s=settings.text_function.timeout_s)
         return cls(model_dir, cache=cache, text_batch_size=settings.text_batch_size,
-                   truncate_text=settings.truncate_text, engine=engine, text_tower=text_tower, run_gate=run_gate)
+                   truncate_text=settings.truncate_text, engine=engine, text_tower=text_tower,
+                   quiet_when_busy=quiet_when_busy)
 
     # -- loading -----------------------------------------------------------------------------------
     @property
@@ -173,8 +182,8 @@ class ClipService:
             parts = [np.zeros((0, self.manifest.embed_dim), dtype=np.float32)]
             for start in range(0, len(indices), self.text_batch_size):
                 chunk = list(indices[start : start + self.text_batch_size])
-                with self.run_gate if not self.text_is_remote else contextlib.nullcontext():
-                    parts.append(self.text_encoder.encode(batch.ids[chunk], batch.lengths[chunk]))
+                with self.text_runs.pick() if self.text_runs else contextlib.nullcontext(self.text_encoder) as tower:
+                    parts.append(tower.encode(batch.ids[chunk], batch.lengths[chunk]))
             return np.concatenate(parts, axis=0)
 
         vectors, stats = self._cached("text", [row.astype("<i8").tobytes() for row in rows], compute, use_cache)
@@ -193,8 +202,8 @@ class ClipService:
                                            max_pixels=self.max_image_pixels,
                                            workers=self.image_encoder.threads,
                                            draft=self.image_decode == "draft")
-            with self.run_gate:
-                return self.image_encoder.encode(pixels)
+            with self.image_runs.pick() if self.image_runs else contextlib.nullcontext(self.image_encoder) as tower:
+                return tower.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)
         return Embeddings(vectors=vectors, cache=stats)

@@ -6,7 +6,6 @@ import argparse
 import logging
 import re
 import sys
-import threading
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -19,19 +18,18 @@ EXPORT_HINT = ("make setup-dev && .venv/bin/python -m clip_export pretrained --a
                "--out build/models/ViT-B-32 --int8   (needs internet)")
 
 
-# Both towers spin (ONNX Runtime's own default) and stop as soon as a run returns, and one lock keeps any two
-# runs from overlapping: spinning workers beside another run, of the other tower or of a concurrent request,
-# waste the cores both need. One client at a time, that is 25-30 % faster than no spinning (README,
-# "Against Roboflow's own server"); CLIP_ORT_SPINNING=false (no spinning, no lock) gives more throughput to many
-# concurrent clients. CLIP_NUM_THREADS and CLIP_ORT_* override it.
+# Both towers spin (ONNX Runtime's own default), and stop as soon as a run returns; a run that starts while
+# another is in flight (uvicorn serves requests concurrently) takes a quiet session instead, where spinners would
+# burn the cores both runs need (engine.alternates). CLIP_ORT_SPINNING=false: quiet sessions only.
+# CLIP_NUM_THREADS and CLIP_ORT_* override it.
 LOCAL_ENGINE = SessionTuning(spinning=True)
 
 
 def local_service(settings: Settings) -> ClipService:
-    """The service the local server runs: ``settings``, with :data:`LOCAL_ENGINE` where they leave a knob unset,
-    and a lock around tower runs when they spin."""
+    """The service the local server runs: ``settings``, with :data:`LOCAL_ENGINE` where they leave a knob unset;
+    spinning sessions give way to quiet ones when runs overlap."""
     engine = settings.engine.with_defaults(LOCAL_ENGINE)
-    return ClipService.from_settings(settings, engine=engine, run_gate=threading.Lock() if engine.spinning else None)
+    return ClipService.from_settings(settings, engine=engine, quiet_when_busy=bool(engine.spinning))
 
 
 _QUERY = re.compile(r"\?([^\s\"']*)")
