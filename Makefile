@@ -165,12 +165,14 @@ bench-memory: models-b32 sam-setup ## peak resident memory per function and requ
 	$(PY) bench/bench_memory.py --ort-options --json build/bench-lambda/memory.json
 
 # Our local server against Roboflow's Inference server on the same seeded weights (../shared/tools), both
-# precisions; then the request path's profile and batches against single calls.
+# precisions; then the request path's profile, batches against single calls, and the local server under
+# concurrent clients.
 bench-roboflow: models-b32 ## side by side with Roboflow's server, fp32 and int8 (../shared/tools/peer-bench)
 	$(PY) bench/bench_vs_roboflow.py --roboflow fp32
 	$(PY) bench/bench_vs_roboflow.py --roboflow int8
 	$(PY) bench/bench_request_path.py
 	$(PY) bench/bench_batches.py
+	$(PY) bench/bench_local_concurrency.py
 
 # Bulk embedding (README: Bulk embedding): infra/bulk_cli. A job is SRC (a prefix of images, or with
 # BULK_ARGS=--text a CSV or JSON Lines file of captions) into DST (one folder per job).
