@@ -1,6 +1,6 @@
 """A batch of images through the API: every vector is the one its image gets alone, bit for bit, whatever
-its neighbours, at both precisions (fp32 runs the batch in one ONNX run, int8 row by row), and whatever
-order the parallel decode and resize finish in."""
+its neighbours, at both precisions (fp32 and per-token int8 run the batch in one ONNX run, per-tensor int8
+row by row), and whatever order the parallel decode and resize finish in."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 from clip_export.quantize import quantize_model_dir
+from clip_serverless.engine.encoder import ImageEncoder
+from clip_serverless.engine.model_dir import ModelDir
 from fastapi.testclient import TestClient
 
 from tests import images
@@ -22,16 +24,22 @@ def _quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def int8_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-int8") / "model"
-    quantize_model_dir(TINY_MODEL, out, force=True, progress=_quiet)  # force: the demo model's thresholds aside
+def int8_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo model at int8, activations quantised per tensor (run row by row) and per token (in one run)."""
+    out = {}
+    for per_token in (False, True):
+        name = "int8-per-token" if per_token else "int8"
+        out[name] = tmp_path_factory.mktemp(name) / "model"
+        # force: the demo model's thresholds aside
+        quantize_model_dir(TINY_MODEL, out[name], force=True, progress=_quiet, per_token_activations=per_token)
+        assert ImageEncoder(ModelDir.open(out[name])).per_row is not per_token
     return out
 
 
-@pytest.fixture(params=["fp32", "int8"])
-def precision_client(request: pytest.FixtureRequest, make_app: Callable[..., Any], int8_tiny: Path
+@pytest.fixture(params=["fp32", "int8", "int8-per-token"])
+def precision_client(request: pytest.FixtureRequest, make_app: Callable[..., Any], int8_tiny: dict[str, Path]
                      ) -> Iterator[tuple[str, Any]]:
-    env = {"CLIP_MODEL_DIR": str(int8_tiny)} if request.param == "int8" else {}
+    env = {"CLIP_MODEL_DIR": str(int8_tiny[request.param])} if request.param in int8_tiny else {}
     with TestClient(make_app(**env), raise_server_exceptions=False) as client:
         yield request.param, client
 

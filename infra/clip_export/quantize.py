@@ -2,11 +2,22 @@
 
 Weights: ``QuantType.QInt8``, per output channel (``onnxruntime.quantization.quantize_dynamic``), of
 the MatMuls and the token embedding; the patch-embedding convolution stays fp32 (faster).
-Activations are quantised to uint8 at run time with one scale per tensor; u8 x s8 is the combination
-with VNNI kernels (QUInt8 weights were measured 1.2-1.7x slower). Because that activation scale spans
-the whole input tensor, a row's result depends on its batch neighbours: the core runs int8 models one
-row at a time (``encoder._Tower.per_row``), and so does this report, which goes through the core's
-encoders, preprocessing and tokenizer.
+Activations are quantised to uint8 at run time; u8 x s8 is the combination with VNNI kernels (QUInt8
+weights were measured 1.2-1.7x slower). ``quantize_dynamic`` gives them one scale per tensor, so a row's
+result depends on its batch neighbours: the core runs such int8 models one row at a time
+(``encoder._Tower.per_row``). With ``per_token_activations``, :mod:`.per_token` rewrites the graphs to
+one scale per token, which makes every row of a batch come out bit for bit as it does alone; the
+manifest says which (``quantization.activation_scale``: ``per-token`` or ``per-tensor``, absent in
+directories made before), and the core runs a per-token batch in one ONNX Runtime run.
+
+Per tensor stays the default because it is faster where it matters most. ViT-B/32's visual tower
+(``bench/bench_int8_batches.py``): per token makes one image 13 % slower on one thread (Lambda below
+1,769 MB) and 13-33 % on two, and a batch of eight in one run is no faster than eight single runs of
+the per-tensor graph on one thread, 3-9 % faster on two: ONNX Runtime fuses the per-tensor chain into
+one kernel with its bias, while the per-token one needs separate reductions, a zero-point correction
+and the bias as their own passes. Per token is as close to fp32 on the seeded ViT-B/32 and closer on
+the demo model (figures in :mod:`.per_token`). The report below goes through the core's encoders,
+preprocessing and tokenizer.
 
 The report compares fp32 and int8 embeddings of real photographs (scikit-image's sample images) and
 of captions: cosine per image and per text, and the top-1 agreement of zero-shot classification
@@ -52,6 +63,7 @@ from clip_serverless.engine.model_dir import (
     write_manifest,
 )
 
+from . import per_token
 from .onnx_export import Progress, replace_dir, staging_dir
 
 REPORT_FILE = "quantization_report.json"
@@ -214,12 +226,13 @@ def _zero_shot(images: Pair, texts: Pair) -> dict[str, Any]:
 QUANTIZED_OPS = ("MatMul", "Gather")  # Gather: the token embedding, 101 MB -> 25 MB
 
 
-def quantize_graph(src: Path, dst: Path) -> None:
+def quantize_graph(src: Path, dst: Path, *, per_token_activations: bool = False) -> None:
     """QInt8 per-channel weights, dynamic uint8 activations, for :data:`QUANTIZED_OPS`.
 
     Without ``quant_pre_process``, whose advice onnxruntime logs as a warning (silenced here): on these
     graphs it gave the same quantised visual graph node for node, and its symbolic shape inference
-    fails on the textual one.
+    fails on the textual one. One activation scale per tensor, or per token (batch-invariant) with
+    ``per_token_activations``.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -231,6 +244,8 @@ def quantize_graph(src: Path, dst: Path) -> None:
                          op_types_to_quantize=list(QUANTIZED_OPS))
     finally:
         root.setLevel(level)
+    if per_token_activations:
+        per_token.rewrite_file(dst, dst)
 
 
 def quantize_model_dir(
@@ -240,11 +255,14 @@ def quantize_model_dir(
     force: bool = False,
     thresholds: Thresholds | None = None,
     progress: Progress = print,
+    per_token_activations: bool = False,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Write an int8 copy of the fp32 model directory ``src`` to ``dst`` and its report beside it.
 
     Raises :class:`QuantizationRefused` (and writes nothing) when the report fails ``thresholds``
     (default: :func:`default_thresholds`) unless ``force``. Returns the new manifest and the report.
+    ``per_token_activations``: one activation scale per token, so that the core runs a batch in one run
+    (single images slower; see the module's docstring).
     """
     source = ModelDir.open(src, verify_checksums=True)
     if source.manifest.precision != "fp32":
@@ -257,20 +275,23 @@ def quantize_model_dir(
             if source.has(name):
                 progress(f"quantising {name} ...")
                 start = time.perf_counter()
-                quantize_graph(source.file(name), staging / name)
+                quantize_graph(source.file(name), staging / name, per_token_activations=per_token_activations)
                 sizes = (staging / name).stat().st_size / 1e6, source.file(name).stat().st_size / 1e6
                 progress(f"  {name}: {sizes[0]:.1f} MB (fp32 {sizes[1]:.1f} MB) "
                          f"in {time.perf_counter() - start:.1f} s")
         if source.has(TOKENIZER_FILE):
             shutil.copyfile(source.file(TOKENIZER_FILE), staging / TOKENIZER_FILE)
         m = source.manifest
+        activations = "uint8 activations per token" if per_token_activations else "uint8 activations per tensor"
         origin = {"model_id": m.model_id, "digest": m.digest,
-                  "method": "onnxruntime quantize_dynamic, QInt8 per-channel weights"}
+                  "method": f"onnxruntime quantize_dynamic, QInt8 per-channel weights, {activations}"}
         provenance = {**m.provenance, "quantized_from": origin}
         fields: dict[str, Any] = {
             "model_id": m.model_id, "image_size": m.image_size, "embed_dim": m.embed_dim,
             "context_length": m.context_length, "mean": list(m.mean), "std": list(m.std),
             "precision": "int8", "provenance": provenance, **m.extra,
+            # The encoders run a batch in one ONNX Runtime run when this says per-token, else row by row.
+            "quantization": {"activation_scale": per_token.SCHEME if per_token_activations else "per-tensor"},
         }
         write_manifest(staging, **fields)
         progress("comparing int8 with fp32 on reference photos and captions ...")
@@ -288,7 +309,8 @@ def quantize_model_dir(
         if "zero_shot" in report:
             summary["top1_agreement"] = report["zero_shot"]["top1_agreement"]
         manifest = write_manifest(staging, **{**fields, "quantization": {
-            "report": REPORT_FILE, "passed": report["passed"], "forced": report["forced"], **summary}})
+            **fields["quantization"], "report": REPORT_FILE, "passed": report["passed"], "forced": report["forced"],
+            **summary}})
         replace_dir(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

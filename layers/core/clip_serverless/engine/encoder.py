@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ..types import Float32Array, Int64Array
 from . import SessionTuning
-from .model_dir import TEXTUAL_FILE, VISUAL_FILE, ModelDir, ModelDirError
+from .model_dir import TEXTUAL_FILE, VISUAL_FILE, Manifest, ModelDir, ModelDirError
 from .tokenizer import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
@@ -75,6 +75,24 @@ def create_session(path: str, threads: int | None = None, tuning: SessionTuning 
         raise ModelDirError(f"{path}: ONNX Runtime could not load this graph: {exc}") from None
 
 
+# The manifest's quantization.activation_scale of int8 graphs with one activation scale per token.
+BATCH_INVARIANT_SCALE = "per-token"
+
+
+def batch_invariant(manifest: Manifest) -> bool:
+    """Whether each row of a batch comes out of one run bit for bit as it does alone.
+
+    fp32 graphs are. int8 graphs made by ``quantize_dynamic`` alone pick one activation scale per input
+    tensor, so a row's result depends on its neighbours: they run one row at a time. Graphs rewritten to
+    one scale per token (``quantization.activation_scale`` = ``"per-token"`` in the manifest, since
+    clip_export's per_token rewrite) are batch-invariant again.
+    """
+    if manifest.precision != "int8":
+        return True
+    quantization = manifest.extra.get("quantization")
+    return isinstance(quantization, dict) and quantization.get("activation_scale") == BATCH_INVARIANT_SCALE
+
+
 class _Tower:
     """One lazily created session; thread-safe creation, then lock-free runs (ORT sessions are)."""
 
@@ -88,9 +106,7 @@ class _Tower:
         self.tuning = resolve(replace(tuning, threads=threads) if threads is not None else tuning)
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
-        # int8 dynamic quantisation picks activation scales per input tensor, so a row's result would
-        # depend on its batch neighbours and on padding. Run such models one row at a time.
-        self.per_row = model_dir.manifest.precision == "int8"
+        self.per_row = not batch_invariant(model_dir.manifest)
 
     @property
     def threads(self) -> int:
@@ -161,8 +177,10 @@ class TextEncoder(_Tower):
     """``textual.onnx``: token ids (N, L) -> raw embeddings (N, D) float32.
 
     The text tower is causal and pools at the first end-of-text token, so every position after it is
-    dead weight: ids are cut to the longest row's EOT (fp32) or to each row's own EOT (int8, one row
-    at a time), which gives the same result as the full context at a fraction of the cost.
+    dead weight: ids are cut to the longest row's EOT (fp32) or to each row's own EOT, which gives the same
+    result as the full context at a fraction of the cost. int8 graphs cut each row to its own EOT: rows of
+    equal length run together when the graph is batch-invariant (one run per distinct length: nothing
+    guarantees that padding leaves a row's bits alone), else one row at a time.
     """
 
     file_name = TEXTUAL_FILE
@@ -186,6 +204,12 @@ class TextEncoder(_Tower):
             session = self.session
             rows = [session.run(None, {"input_ids": ids[i : i + 1, : int(lengths[i])]})[0] for i in range(n)]
             out = np.asarray(np.concatenate(rows, axis=0), dtype=np.float32)
+        elif self.model_dir.manifest.precision == "int8":
+            lengths = np.asarray(lengths)
+            out = np.empty((n, self.model_dir.manifest.embed_dim), dtype=np.float32)
+            for length in np.unique(lengths):
+                same = np.flatnonzero(lengths == length)
+                out[same] = self._run("input_ids", np.ascontiguousarray(ids[same, : int(length)]))
         else:
             out = self._run("input_ids", ids[:, : int(np.max(lengths))])
         return l2_normalize(out) if normalize else out
