@@ -265,3 +265,6 @@ def test_cli_quantize(fp32_dir: ModelDir, capsys: pytest.CaptureFixture[str]) ->
     assert "refused" in err and "--force" in err and not dst.exists()
     assert main(["quantize", str(fp32_dir.path), str(dst), "--min-cosine", "1.01", "--force"]) == 0
     assert ModelDir.open(dst).manifest.extra["quantization"]["forced"] is True
+    assert ModelDir.open(dst).manifest.extra["quantization"]["activation_scale"] == "per-tensor"
+    assert main(["quantize", str(fp32_dir.path), str(dst), "--per-token"]) == 0
+    assert ModelDir.open(dst).manifest.extra["quantization"]["activation_scale"] == "per-token"

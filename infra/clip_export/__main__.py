@@ -3,9 +3,10 @@
     python -m clip_export synthetic --arch ViT-B-32 --seed 0 --out build/models/ViT-B-32-synthetic [--int8]
     python -m clip_export pretrained --arch ViT-B-32 [--from-local DIR] --out build/models/ViT-B-32 \
         [--int8] [--force]
-    python -m clip_export quantize SRC DST [--force]
+    python -m clip_export quantize SRC DST [--force] [--per-token]
 
-``--int8`` also writes an int8 copy to ``<out>-int8`` (or ``--int8-out``). The tokenizer is built from
+``--int8`` also writes an int8 copy to ``<out>-int8`` (or ``--int8-out``); ``--per-token`` quantises its
+activations per token, so batches run in one ONNX run (``quantize.py``). The tokenizer is built from
 OpenAI's BPE merges file (``--bpe``, or found in the installed ``clip`` package).
 """
 
@@ -40,6 +41,9 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_quality_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="write the int8 model even below the thresholds")
+    parser.add_argument("--per-token", action="store_true",
+                        help="int8 activation scales per token: a batch in one run, each row as alone "
+                             "(single images slower; README, Models)")
     parser.add_argument("--min-cosine", type=float, help="int8 vs fp32 cosine threshold (default 0.99)")
     parser.add_argument("--min-agreement", type=float,
                         help="zero-shot top-1 agreement threshold (default 0.9 for pretrained weights, else 0)")
@@ -75,7 +79,7 @@ def _quantize(src: Path, dst: Path, args: argparse.Namespace) -> None:
         min_cosine=default.min_cosine if args.min_cosine is None else args.min_cosine,
         min_top1_agreement=default.min_top1_agreement if args.min_agreement is None else args.min_agreement,
     )
-    quantize_model_dir(src, dst, force=args.force, thresholds=thresholds)
+    quantize_model_dir(src, dst, force=args.force, thresholds=thresholds, per_token_activations=args.per_token)
 
 
 def run(args: argparse.Namespace) -> None:
