@@ -6,8 +6,8 @@ spinners burn what the other run needs (4 clients: half the throughput), and a l
 apart still gave 17-23 % less throughput than quiet sessions with 2-4 clients. So each tower keeps its spinning
 session, and a run that starts while another is in flight (of either tower) takes the tower's quiet one (one
 thread, no spinning), made the first time it is needed: a process that never sees two runs at once never pays
-its memory (int8 ViT-B/32: ~280 MB). Against quiet sessions alone, in two runs with 1, 2 and 4 concurrent
-clients of mixed requests: +13/+21 %, +5/-6 % and +5/+8 % requests per second (README, "Engine settings").
+its memory (int8 ViT-B/32: ~250 MB). Against quiet sessions alone, with 1, 2 and 4 concurrent clients of mixed
+requests: +10 %, -3 % and +14 % requests per second (bench/bench_local_concurrency.py; README, "Engine settings").
 """
 
 from __future__ import annotations
