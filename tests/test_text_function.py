@@ -205,3 +205,22 @@ def test_the_named_services_loader_searches_aws_data_path_first(tmp_path: Any) -
     path = f"{tmp_path}/a{os.pathsep}{tmp_path}/b"
     assert named_services_loader(path).search_paths == create_loader(path).search_paths
     assert named_services_loader(None).search_paths == create_loader(None).search_paths
+
+
+def test_compare_s_init_leaves_the_text_function_s_client_to_the_first_request(
+        tiny_service: ClipService, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = TextFunctionEncoder("embed-text", tiny_service.manifest)
+    made: list[str] = []
+
+    def new_client() -> _ServedLocally:
+        made.append("client")
+        return _ServedLocally(tiny_service)
+
+    monkeypatch.setattr(encoder, "_new_client", new_client)
+    remote = ClipService(tiny_service.model_dir, text_tower=encoder)
+    remote.preload(("visual", "textual"))
+    assert made == [] and not encoder.loaded  # init: the image session and the tokenizer only
+    assert remote.image_encoder.loaded and remote._tokenizer is not None
+    want = tiny_service.embed_texts(["a red circle"], use_cache=False).vectors
+    assert np.array_equal(remote.embed_texts(["a red circle"], use_cache=False).vectors, want)
+    assert made == ["client"] and encoder.loaded

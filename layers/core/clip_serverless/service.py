@@ -142,10 +142,12 @@ class ClipService:
 
         Each ONNX Runtime session is created and run once (:meth:`~clip_serverless.engine.encoder.ImageEncoder.
         warm_up`) in a thread of its own: ONNX Runtime releases the GIL meanwhile, so the caller imports and
-        builds the rest of the app on the other vCPU. What holds the GIL (the tokenizer, another function's
-        client for the text tower) is left to :meth:`Preload.wait`, in the caller's thread: in threads of their
-        own they would only take turns with the caller, and each turn costs a hand-over of the GIL (compare's
-        init measured ~2,000 of them, and 60 ms slower, with the tokenizer and the client in threads).
+        builds the rest of the app on the other vCPU. What holds the GIL (the tokenizer) is left to
+        :meth:`Preload.wait`, in the caller's thread: in a thread of its own it would only take turns with the
+        caller, and each turn costs a hand-over of the GIL (compare's init measured ~2,000 of them, and 60 ms
+        slower, with the tokenizer and the client in threads). Another function's text tower (compare's Lambda
+        client) is not made here: the first request that needs it makes it in compare's text thread, while the
+        request's own thread decodes and runs the image with the GIL released.
         """
         threads: list[tuple[str, Callable[[], object]]] = []
         if "visual" in towers or ("textual" in towers and isinstance(self.text_encoder, TextEncoder)):
@@ -157,8 +159,6 @@ class ClipService:
             text = self.text_encoder
             if isinstance(text, TextEncoder):
                 threads.append(("preload-textual", text.warm_up))
-            else:
-                later.append(("preload-text-client", text.load))
             later.append(("preload-tokenizer", self.load_tokenizer))
         if "visual" in towers:
             later.append(("preload-pillow", _import_preprocessing))  # Pillow's import belongs to init too
