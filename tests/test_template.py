@@ -111,7 +111,11 @@ def test_every_function_runs_python312_on_the_chosen_architecture_below_the_gate
     for name in FUNCTIONS:
         props = template["Resources"][name]["Properties"]
         assert props["Timeout"] == {"Ref": "FunctionTimeout"}
-        assert props["MemorySize"] == {"Ref": "MemorySize"}
+        if flavour == "zip":  # MemorySize=recommended (the default): each function's size from bench_cost.py
+            recommended = {"EmbedImageFunction": 1536, "CompareFunction": 1536}.get(name, 1024)
+            assert props["MemorySize"] == {"Fn::If": ["RecommendedMemory", recommended, {"Ref": "MemorySize"}]}
+        else:
+            assert props["MemorySize"] == {"Ref": "MemorySize"}
         assert props["Architectures"] == [{"Ref": "Architecture"}]
         if flavour == "zip":
             assert props["Runtime"] == "python3.12" and props["Handler"] == "app.handler"
