@@ -44,8 +44,8 @@ def finish(s3: S3Client, spec: JobSpec, *, map_error: Any = None) -> dict[str, A
             continue
         counts.update(embedded=record["embedded"], errors=record["errors"], cache_writes=record.get("cache_writes", 0))
         reasons.update(record.get("errors_by_reason", {}))
-        decode = record.get("image_decode", "exact" if spec.modality == "image" else None)  # older records: exact
-        models[(record["model_id"], record["model_digest"], record["precision"], record["embed_dim"], decode)] += 1
+        models[(record["model_id"], record["model_digest"], record["precision"], record["embed_dim"],
+                spec.recorded_decode(record))] += 1
     mixed = len(models) > 1
     (model_id, digest, precision, dim, decode), _ = models.most_common(1)[0] if models else (("", "", "", 0, None), 0)
     listed = int(state.get("listed", 0))

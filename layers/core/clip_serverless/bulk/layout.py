@@ -167,6 +167,11 @@ class JobSpec:
         """What decides the plan: a destination holds one job, and another job with these equal resumes it."""
         return {k: v for k, v in self.to_json().items() if k not in ("dtype", "cache", "max_object_bytes")}
 
+    def recorded_decode(self, record: dict[str, Any]) -> str | None:
+        """How the images of a shard's done record were decoded (CLIP_IMAGE_DECODE); None for a text job.
+        Records written before the setting existed decoded exactly."""
+        return record.get("image_decode", "exact") if self.modality == "image" else None
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -133,10 +133,9 @@ class ShardRunner:
     def _finished(self, done: Any, spec: JobSpec, batch_key: str) -> bool:
         if not isinstance(done, dict):
             return False
-        decode = done.get("image_decode", "exact" if spec.modality == "image" else None)  # older records: exact
         return (done.get("model_digest") == self.manifest.digest
                 and done.get("dtype") == spec.dtype and done.get("batch") == batch_key
-                and decode == self._image_decode(spec)
+                and spec.recorded_decode(done) == self._image_decode(spec)
                 and isinstance(done.get("embedded"), int) and isinstance(done.get("errors"), int))
 
     # -- images ------------------------------------------------------------------------------------
