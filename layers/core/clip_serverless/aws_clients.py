@@ -15,6 +15,7 @@ the clients renewed then resolve everything afresh.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -62,42 +63,37 @@ def named_services_loader(data_path: str | None = None) -> Any:
     return _loader_class()(extra_search_paths=extra)
 
 
-_LOADER_CLASS: Any = None
-
-
+@functools.cache
 def _loader_class() -> Any:
     """:class:`NamedServicesLoader`, defined on first use (it subclasses botocore's ``Loader``)."""
-    global _LOADER_CLASS
-    if _LOADER_CLASS is None:
-        from botocore.loaders import Loader
+    from botocore.loaders import Loader
 
-        class NamedServicesLoader(Loader):
-            """botocore's ``Loader`` whose list of available services holds only those in ``services`` (the
-            ones this process creates clients for) that exist, by botocore's own test: a directory of that
-            name in a search path with an API version directory holding the model type's file.
+    class NamedServicesLoader(Loader):
+        """botocore's ``Loader`` whose list of available services holds only those in ``services`` (the
+        ones this process creates clients for) that exist, by botocore's own test: a directory of that
+        name in a search path with an API version directory holding the model type's file.
 
-            ``load_service_model`` checks the service against that list, and botocore builds it by walking
-            all 449 service directories of its ``data/`` (~900 ``listdir`` and ~2,700 ``stat`` calls), once
-            for ``service-2`` and once for ``endpoint-rule-set-1``: ~18 ms of the first client's ~57 ms."""
+        ``load_service_model`` checks the service against that list, and botocore builds it by walking
+        all 449 service directories of its ``data/`` (~900 ``listdir`` and ~2,700 ``stat`` calls), once
+        for ``service-2`` and once for ``endpoint-rule-set-1``: ~18 ms of the first client's ~57 ms."""
 
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self.services: set[str] = set()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.services: set[str] = set()
 
-            def list_available_services(self, type_name: str) -> list[str]:
-                found = set()
-                try:
-                    for root in self.search_paths:
-                        for name in self.services:
-                            directory = os.path.join(root, name)
-                            if name not in found and os.path.isdir(directory) and any(
-                                    self.file_loader.exists(os.path.join(directory, version, type_name))
-                                    for version in os.listdir(directory)):
-                                found.add(name)
-                except Exception:  # another botocore, whose loader works otherwise: its own walk
-                    listed: list[str] = super().list_available_services(type_name)
-                    return listed
-                return sorted(found)
+        def list_available_services(self, type_name: str) -> list[str]:
+            found = set()
+            try:
+                for root in self.search_paths:
+                    for name in self.services:
+                        directory = os.path.join(root, name)
+                        if name not in found and os.path.isdir(directory) and any(
+                                self.file_loader.exists(os.path.join(directory, version, type_name))
+                                for version in os.listdir(directory)):
+                            found.add(name)
+            except Exception:  # another botocore, whose loader works otherwise: its own walk
+                listed: list[str] = super().list_available_services(type_name)
+                return listed
+            return sorted(found)
 
-        _LOADER_CLASS = NamedServicesLoader
-    return _LOADER_CLASS
+    return NamedServicesLoader
