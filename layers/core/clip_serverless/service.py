@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -85,7 +85,7 @@ class ClipService:
                                         else TextEncoder(model_dir, tuning=engine.tuning))
         self.text_is_remote = text_tower is not None
         self.image_runs: Alternates[ImageEncoder] | None = None
-        self.text_runs: Alternates[TextEncoder] | None = None
+        self.text_runs: Alternates[TextTower] | None = None
         if quiet_when_busy:
             runs = RunCount()
             quiet = replace(self.image_encoder.tuning, threads=1, spinning=False)
@@ -182,7 +182,7 @@ class ClipService:
             parts = [np.zeros((0, self.manifest.embed_dim), dtype=np.float32)]
             for start in range(0, len(indices), self.text_batch_size):
                 chunk = list(indices[start : start + self.text_batch_size])
-                with self.text_runs.pick() if self.text_runs else contextlib.nullcontext(self.text_encoder) as tower:
+                with _run_on(self.text_runs, self.text_encoder) as tower:
                     parts.append(tower.encode(batch.ids[chunk], batch.lengths[chunk]))
             return np.concatenate(parts, axis=0)
 
@@ -202,7 +202,7 @@ class ClipService:
                                            max_pixels=self.max_image_pixels,
                                            workers=self.image_encoder.threads,
                                            draft=self.image_decode == "draft")
-            with self.image_runs.pick() if self.image_runs else contextlib.nullcontext(self.image_encoder) as tower:
+            with _run_on(self.image_runs, self.image_encoder) as tower:
                 return tower.encode(pixels)
 
         vectors, stats = self._cached("image", list(blobs), compute, use_cache)
@@ -214,6 +214,14 @@ class ClipService:
                 use_cache: bool) -> tuple[Float32Array, CacheStats]:
         # One path with or without a cache (none configured, or the request's Cache-Control: no-cache).
         return embed_payloads(self.cache, modality, payloads, compute, use_cache=use_cache)
+
+
+T = TypeVar("T")
+
+
+def _run_on(runs: Alternates[T] | None, tower: T) -> contextlib.AbstractContextManager[T]:
+    """The encoder a run takes: ``runs``' pick when the service alternates sessions, else ``tower`` itself."""
+    return runs.pick() if runs is not None else contextlib.nullcontext(tower)
 
 
 def _import_preprocessing() -> None:
