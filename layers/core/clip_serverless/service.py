@@ -54,6 +54,20 @@ class TextTooLong(ValueError):
         self.indices = indices
 
 
+class OutOfTime(RuntimeError):
+    """The texts of a request would not all be embedded before its deadline (a Lambda function's timeout, less
+    what the response needs): refused as soon as the rate measured on its first batches says so, rather than
+    cut off by the timeout with nothing to show. ``fit``: about how many texts like these the time allows."""
+
+    def __init__(self, total: int, fit: int, budget_s: float) -> None:
+        super().__init__(
+            f"{total} texts like these cannot be embedded within this function's time limit: at the rate measured "
+            f"on this request, about {fit} fit in {budget_s:.0f} s. Send at most {fit} per request (or give the "
+            f"function more memory, and with it more CPU).")
+        self.total = total
+        self.fit = fit
+
+
 @dataclass
 class Embeddings:
     vectors: Float32Array  # (N, D), raw projections, input order
@@ -170,7 +184,11 @@ class ClipService:
         return [name for name, loaded in (("visual", self.image_encoder.loaded), ("textual", text_here)) if loaded]
 
     # -- embedding ---------------------------------------------------------------------------------
-    def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True) -> Embeddings:
+    def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True, deadline: float | None = None
+                    ) -> Embeddings:
+        """``deadline``: a ``time.monotonic()`` instant by which the embedding must be done, else
+        :class:`OutOfTime` (raised before a batch that the rate so far says would end after it)."""
+        started = time.monotonic()
         batch = self.tokenizer.encode(texts)
         truncated = [i for i, cut in enumerate(batch.truncated) if cut]
         if truncated and not self.truncate_text:
@@ -180,10 +198,15 @@ class ClipService:
 
         def compute(indices: Sequence[int]) -> Float32Array:
             parts = [np.zeros((0, self.manifest.embed_dim), dtype=np.float32)]
-            for start in range(0, len(indices), self.text_batch_size):
-                chunk = list(indices[start : start + self.text_batch_size])
+            chunks = [list(indices[i : i + self.text_batch_size]) for i in range(0, len(indices), self.text_batch_size)]
+            # A text's cost grows with its tokens (ids are cut at each row's EOT): the projection counts tokens.
+            tokens = [int(batch.lengths[chunk].sum()) for chunk in chunks]
+            clock = _Projection(started, deadline, sum(tokens), len(texts))
+            for chunk, cost in zip(chunks, tokens, strict=True):
+                clock.check()
                 with _run_on(self.text_runs, self.text_encoder) as tower:
                     parts.append(tower.encode(batch.ids[chunk], batch.lengths[chunk]))
+                clock.done(cost)
             return np.concatenate(parts, axis=0)
 
         vectors, stats = self._cached("text", [row.astype("<i8").tobytes() for row in rows], compute, use_cache)
@@ -214,6 +237,35 @@ class ClipService:
                 use_cache: bool) -> tuple[Float32Array, CacheStats]:
         # One path with or without a cache (none configured, or the request's Cache-Control: no-cache).
         return embed_payloads(self.cache, modality, payloads, compute, use_cache=use_cache)
+
+
+class _Projection:
+    """Whether the rest of a request's batches can end by its deadline, at the rate of those done so far."""
+
+    def __init__(self, started: float, deadline: float | None, tokens: int, texts: int) -> None:
+        self.started = started  # the request's work began (tokenizing, cache lookups): their time counts too
+        self.deadline = deadline
+        self.left = tokens
+        self.texts = texts
+        self.computing = time.monotonic()
+        self.tokens_done = 0
+
+    def check(self) -> None:
+        """Raise :class:`OutOfTime` if the remaining batches (the next one among them) would end after the
+        deadline. The first batch always runs: there is no rate before it."""
+        if self.deadline is None or not self.tokens_done:
+            return
+        now = time.monotonic()
+        rate = (now - self.computing) / self.tokens_done  # seconds per token
+        if now + rate * self.left > self.deadline:
+            budget = self.deadline - self.started
+            need = (now - self.started) + rate * self.left  # this request's whole time at this rate
+            fit = max(1, int(self.texts * budget / need)) if need > 0 else self.texts
+            raise OutOfTime(self.texts, min(fit, self.texts - 1), budget)
+
+    def done(self, tokens: int) -> None:
+        self.tokens_done += tokens
+        self.left -= tokens
 
 
 T = TypeVar("T")

@@ -38,11 +38,12 @@ from starlette.exceptions import HTTPException
 
 from ..aws_lambda.tower_function import ImageFunction, TowerFunction, TowerFunctionError
 from ..engine.model_dir import MANIFEST_NAME
-from ..service import ClipService, ImageDecodeError, TextTooLong
+from ..service import ClipService, ImageDecodeError, OutOfTime, TextTooLong
 from ..settings import MAX_FLOAT_CHARS, Settings
 from ..types import Float32Array
 from .auth import key_matches, query_or_header_key
 from .body import JsonBodyRequest
+from .deadline import deadline
 from .dispatch import InlineOnLambda
 from .endpoints import EndpointName, register
 from .errors import ApiError, ErrorJSONResponse, ImageLoadError
@@ -252,7 +253,7 @@ class OpenAIRoutes:
             result = self._embed_images(inputs, use_cache)
         else:
             _check_count(len(inputs), self.max_texts[encoding], "texts")
-            result = self._embed_texts(inputs, use_cache)
+            result = self._embed_texts(inputs, use_cache, deadline(request))
         vectors = l2_normalised(result.vectors)
         data = [{"object": "embedding", "index": i, "embedding": _encoded(row, encoding)}
                 for i, row in enumerate(vectors)]
@@ -261,11 +262,13 @@ class OpenAIRoutes:
         return self._respond(payload, started, body.modality, len(inputs), result)
 
     # -- steps --------------------------------------------------------------------------------------
-    def _embed_texts(self, texts: list[str], use_cache: bool) -> _Result:
+    def _embed_texts(self, texts: list[str], use_cache: bool, by: float | None) -> _Result:
         try:
-            result = self.service.embed_texts(texts, use_cache=use_cache)
+            result = self.service.embed_texts(texts, use_cache=use_cache, deadline=by)
         except TextTooLong as exc:
             raise OpenAIError(400, str(exc), param="input") from None
+        except OutOfTime as exc:
+            raise OpenAIError(413, str(exc), param="input") from None
         tokens = int(self.service.tokenizer.encode(texts).lengths.sum())
         return _Result(result.vectors, tokens, result.truncated, result.cache.counts())
 

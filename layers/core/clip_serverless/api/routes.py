@@ -17,11 +17,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..cache.stats import CacheStats
-from ..service import ClipService, Embeddings, ImageDecodeError, TextTooLong
+from ..service import ClipService, Embeddings, ImageDecodeError, OutOfTime, TextTooLong
 from ..settings import Settings, max_embeddings_per_response
 from . import compare as cmp
 from .auth import check_api_key
 from .body import clip_route_class
+from .deadline import deadline
 from .dispatch import InlineOnLambda
 from .endpoints import ENDPOINTS as ENDPOINTS  # re-exported: app.py and the tests read it here
 from .endpoints import EndpointName, register
@@ -76,11 +77,13 @@ class ClipRoutes:
         except ImageDecodeError as exc:
             raise ImageLoadError(str(exc)) from None
 
-    def _embed_texts(self, texts: list[str], use_cache: bool) -> Embeddings:
+    def _embed_texts(self, texts: list[str], use_cache: bool, by: float | None = None) -> Embeddings:
         try:
-            return self.service.embed_texts(texts, use_cache=use_cache)
+            return self.service.embed_texts(texts, use_cache=use_cache, deadline=by)
         except TextTooLong as exc:
             raise BadRequest(str(exc)) from None
+        except OutOfTime as exc:
+            raise PayloadTooLarge(str(exc)) from None
 
     def _embed_both(self, images: list[ImageInput | str], texts: list[str], use_cache: bool
                     ) -> tuple[Embeddings, Embeddings]:
@@ -134,7 +137,7 @@ class ClipRoutes:
             raise PayloadTooLarge(f"The maximum number of texts per call is {most} (their embeddings must fit in "
                                   f"a {budget}-byte response); got {len(texts)}. Split the request.")
         started = time.perf_counter()
-        result = self._embed_texts(texts, use_cache)
+        result = self._embed_texts(texts, use_cache, deadline(request))
         return self._respond("embed_text", {"embeddings": result.vectors.tolist()}, started, len(texts), [result])
 
     def compare(self, request: Request, body: ClipCompareRequest) -> JSONResponse:
