@@ -10,7 +10,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,25 @@ def test_headers_cache_and_truncation(client: openai.OpenAI) -> None:
     assert long.headers["x-clip-truncated-texts"] == "1"
     assert long.parse().usage.prompt_tokens == 3 + 77
 
+
+
+def test_a_text_request_is_tokenized_once(make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usage count comes from the tokenization the embedding needs: 2,048 long texts take ~0.35 s to
+    tokenize on a whole vCPU, which a second pass would spend again."""
+    from clip_serverless.engine.tokenizer import ClipTokenizer
+
+    calls: list[int] = []
+    original = ClipTokenizer.encode
+
+    def counted(self: ClipTokenizer, texts: Any) -> Any:
+        calls.append(len(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(ClipTokenizer, "encode", counted)
+    with TestClient(make_app()) as local_client:
+        response = local_client.post("/v1/embeddings", json={"input": ["short", "word " * 100]})
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 3 + 77
+    assert calls == [2]
 
 # -- what is refused, and how the client sees it -----------------------------------------------------------
 def _error(exc: openai.APIStatusError) -> dict[str, Any]:

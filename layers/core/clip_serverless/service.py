@@ -72,6 +72,7 @@ class OutOfTime(RuntimeError):
 class Embeddings:
     vectors: Float32Array  # (N, D), raw projections, input order
     truncated: list[int] = field(default_factory=list)  # indices of texts cut to the context length
+    tokens: int = 0  # texts: the positions the tower reads, SOT to first EOT, summed (OpenAI's usage)
     # What the cache did (hits and misses per tier), for the X-Clip-Cache header and the request's log line.
     cache: CacheStats = field(default_factory=lambda: CacheStats(modality="", enabled=False))
 
@@ -210,7 +211,7 @@ class ClipService:
             return np.concatenate(parts, axis=0)
 
         vectors, stats = self._cached("text", [row.astype("<i8").tobytes() for row in rows], compute, use_cache)
-        return Embeddings(vectors=vectors, truncated=truncated, cache=stats)
+        return Embeddings(vectors=vectors, truncated=truncated, tokens=int(batch.lengths.sum()), cache=stats)
 
     def embed_images(self, blobs: Sequence[bytes], *, use_cache: bool = True) -> Embeddings:
         """Raw encoded image bytes in, embeddings out; raises ``ImageDecodeError`` for bad images."""

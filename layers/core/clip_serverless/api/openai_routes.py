@@ -269,8 +269,7 @@ class OpenAIRoutes:
             raise OpenAIError(400, str(exc), param="input") from None
         except OutOfTime as exc:
             raise OpenAIError(413, str(exc), param="input") from None
-        tokens = int(self.service.tokenizer.encode(texts).lengths.sum())
-        return _Result(result.vectors, tokens, result.truncated, result.cache.counts())
+        return _Result(result.vectors, result.tokens, result.truncated, result.cache.counts())
 
     def _embed_images(self, inputs: list[str], use_cache: bool) -> _Result:
         for i, item in enumerate(inputs):
