@@ -202,7 +202,7 @@ class ClipService:
             chunks = [list(indices[i : i + self.text_batch_size]) for i in range(0, len(indices), self.text_batch_size)]
             # A text's cost grows with its tokens (ids are cut at each row's EOT): the projection counts tokens.
             tokens = [int(batch.lengths[chunk].sum()) for chunk in chunks]
-            clock = _Projection(started, deadline, sum(tokens), len(texts))
+            clock = _Projection(started, deadline, sum(tokens), computed=len(indices), total=len(texts))
             for chunk, cost in zip(chunks, tokens, strict=True):
                 clock.check()
                 with _run_on(self.text_runs, self.text_encoder) as tower:
@@ -243,11 +243,12 @@ class ClipService:
 class _Projection:
     """Whether the rest of a request's batches can end by its deadline, at the rate of those done so far."""
 
-    def __init__(self, started: float, deadline: float | None, tokens: int, texts: int) -> None:
+    def __init__(self, started: float, deadline: float | None, tokens: int, *, computed: int, total: int) -> None:
         self.started = started  # the request's work began (tokenizing, cache lookups): their time counts too
         self.deadline = deadline
         self.left = tokens
-        self.texts = texts
+        self.computed = computed  # the texts the batches embed (cache hits are not among them)
+        self.total = total
         self.computing = time.monotonic()
         self.tokens_done = 0
 
@@ -261,8 +262,9 @@ class _Projection:
         if now + rate * self.left > self.deadline:
             budget = self.deadline - self.started
             need = (now - self.started) + rate * self.left  # this request's whole time at this rate
-            fit = max(1, int(self.texts * budget / need)) if need > 0 else self.texts
-            raise OutOfTime(self.texts, min(fit, self.texts - 1), budget)
+            # Scaled from the texts computed (cache hits cost next to nothing): on the safe side when some hit.
+            fit = max(1, int(self.computed * budget / need)) if need > 0 else self.computed
+            raise OutOfTime(self.total, min(fit, self.total - 1), budget)
 
     def done(self, tokens: int) -> None:
         self.tokens_done += tokens
