@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pytest
 from clip_serverless import service as service_module
 from clip_serverless.api.deadline import RESERVE_S
-from clip_serverless.service import ClipService, ModelDir, OutOfTime
+from clip_serverless.service import FIT_MARGIN, ClipService, ModelDir, OutOfTime
 from clip_serverless.types import Float32Array, Int64Array
 
 from tests.lambda_events import FakeContext, http_api_event, response_json
@@ -86,8 +86,9 @@ def test_a_list_that_would_not_is_refused_after_its_first_batch(
         service.embed_texts(TEXTS, use_cache=False, deadline=clock.t + need * 0.46)
     assert tower.calls == 1  # the rate of the first batch already says the rest cannot end in time
     assert caught.value.total == 40
-    assert caught.value.fit == 18  # 46% of the time the whole list needs: 18 of 40 texts like these
-    assert "Send at most 18 per request" in str(caught.value)
+    # 46% of the time the whole list needs: 18.4 of 40 texts like these, less the margin
+    assert caught.value.fit == int(FIT_MARGIN * 18.4) == 15
+    assert "Send at most 15 per request" in str(caught.value)
 
 
 def test_no_batch_starts_that_would_end_after_the_deadline(steady: tuple[ClipService, SteadyTower, Clock]) -> None:
