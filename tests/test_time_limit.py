@@ -58,7 +58,7 @@ def steady(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Clip
     return ClipService(model_dir, text_tower=tower, text_batch_size=4), tower, clock
 
 
-TEXTS = [f"a photo of {i} red circles" for i in range(40)]  # ten batches of four, all the same length
+TEXTS = [f"a photo of {i} red circles" for i in range(40)]  # ten batches of four
 
 
 def seconds_for_all(service: ClipService) -> float:
