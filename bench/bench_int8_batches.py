@@ -17,14 +17,13 @@ bit for bit (np.array_equal).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_core import interleaved
 from clip_export.quantize import quantize_graph
 from clip_serverless.engine import SessionTuning
 from clip_serverless.engine.encoder import create_session
@@ -60,15 +59,7 @@ def time_setting(tuning: SessionTuning, graphs: dict[str, Path], pixels: np.ndar
         "new 1x8": lambda: new.run(None, {"pixel_values": eight}),
         "old 1x8": lambda: old.run(None, {"pixel_values": eight}),
     }
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():  # warm-up
-        run()
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return interleaved(runs, rounds)
 
 
 def main() -> None:
